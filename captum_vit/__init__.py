@@ -1,0 +1,17 @@
+"""captum_vit: explain Vision Transformers as first-class Captum attributions."""
+
+from ._capture import TokenLayout, UnsupportedModelError, ViTAdapter, adapt
+from .attr import AttentionRollout, GradientRollout, RawAttention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionRollout",
+    "GradientRollout",
+    "RawAttention",
+    "TokenLayout",
+    "UnsupportedModelError",
+    "ViTAdapter",
+    "__version__",
+    "adapt",
+]

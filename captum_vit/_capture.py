@@ -1,0 +1,729 @@
+"""The capture layer: the only place in captum_vit that knows about timm, Hugging Face
+and torchvision.
+
+:func:`adapt` turns a model into a :class:`ViTAdapter` that knows
+
+* which modules produce each layer's attention probabilities ``(B, heads, N, N)``,
+* how many prefix tokens (CLS, distillation, registers) precede the patch tokens,
+* the patch size and hence the patch grid of any input the model accepts,
+* which token rows the model's head pools (the *query rows* of every map),
+* where the patch embeddings and the full token sequence can be reached (used by
+  token-level masking).
+
+:meth:`ViTAdapter.capture` is a context manager that records the attention of each
+layer while the model runs. It switches timm's fused attention off and Hugging Face's
+attention implementation to ``"eager"`` only for its duration, and in ``finally``
+removes every hook and restores every flag, also when the forward pass raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "AttentionRecorder",
+    "Pooling",
+    "TokenLayout",
+    "UnsupportedModelError",
+    "ViTAdapter",
+    "adapt",
+]
+
+Pooling = Literal["cls", "cls_dist", "mean_patch", "cls_mean_patch"]
+_POOLINGS: tuple[str, ...] = ("cls", "cls_dist", "mean_patch", "cls_mean_patch")
+
+#: Tolerance on attention row sums when validating captured probabilities.
+_ROW_SUM_TOL = 1e-2
+
+
+class UnsupportedModelError(TypeError):
+    """Raised when :func:`adapt` cannot find global self-attention in a model.
+
+    The message says what was missing and how to describe the model by hand
+    (``attention_modules=``, ``num_prefix_tokens=``, ``patch_size=``).
+    """
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How the token sequence of one input is laid out.
+
+    Attributes:
+        num_tokens (int): ``N``, the sequence length seen by attention.
+        num_prefix_tokens (int): tokens before the patches (CLS, distillation,
+            registers).
+        grid (tuple[int, int]): the patch grid ``(gh, gw)``; ``gh * gw`` patch tokens.
+    """
+
+    num_tokens: int
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    items = tuple(int(v) for v in value)
+    if len(items) != 2:
+        raise ValueError(f"expected an int or a pair of ints, got {value!r}")
+    return (items[0], items[1])
+
+
+class AttentionRecorder:
+    """Receives each layer's attention probabilities during a captured forward pass.
+
+    Attributes:
+        attentions (list[Tensor | None]): per layer (depth order), the probability
+            tensor ``(B, heads, N, N)`` exactly as used by the model (still attached
+            to the autograd graph when grad is enabled), or ``None`` when
+            ``keep=False`` or the layer did not run.
+        num_tokens (int | None): ``N`` of the last recorded layer.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        *,
+        keep: bool = True,
+        on_attention: Callable[[int, Tensor], None] | None = None,
+        validate: bool = True,
+    ) -> None:
+        self.attentions: list[Tensor | None] = [None] * num_layers
+        self.num_tokens: int | None = None
+        self._keep = keep
+        self._on_attention = on_attention
+        self._validate = validate
+
+    def record(self, layer: int, attn: Tensor, *, check_rows: bool) -> None:
+        if self._validate:
+            _validate_attention(layer, attn, check_rows=check_rows)
+        self.num_tokens = int(attn.shape[-1])
+        if self._keep:
+            self.attentions[layer] = attn
+        if self._on_attention is not None:
+            self._on_attention(layer, attn)
+
+    def kept(self) -> list[Tensor]:
+        """The recorded attention of every layer; raises if a layer did not run."""
+        missing = [i for i, a in enumerate(self.attentions) if a is None]
+        if missing:
+            raise RuntimeError(
+                f"no attention was captured for layer(s) {missing}: the forward pass did "
+                "not run those attention modules (are they part of the model's forward?)"
+            )
+        return [a for a in self.attentions if a is not None]
+
+
+def _validate_attention(layer: int, attn: Any, *, check_rows: bool) -> None:
+    if not isinstance(attn, Tensor):
+        raise ValueError(
+            f"attention module of layer {layer} produced {type(attn).__name__}, expected "
+            "the attention-probability tensor (B, heads, N, N) (or a tuple whose second "
+            "item is that tensor)"
+        )
+    if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
+        raise ValueError(
+            f"attention of layer {layer} has shape {tuple(attn.shape)}; expected "
+            "(B, heads, N, N) attention probabilities. Pass the modules whose output is "
+            "the post-softmax attention of global self-attention."
+        )
+    if check_rows:
+        with torch.no_grad():
+            sums = attn.detach().float().sum(-1)
+            if not torch.isfinite(sums).all():
+                raise ValueError(f"attention of layer {layer} contains NaN or Inf")
+            if (sums - 1).abs().max().item() > _ROW_SUM_TOL or attn.min().item() < 0:
+                raise ValueError(
+                    f"attention of layer {layer} is not row-stochastic (rows sum to "
+                    f"{sums.min().item():.4g}..{sums.max().item():.4g}, min entry "
+                    f"{attn.min().item():.4g}); expected post-softmax probabilities"
+                )
+
+
+def _to_output_tensor(out: Any) -> Tensor:
+    """Unwrap a model output (Hugging Face ``ModelOutput``, dict, tuple) to a tensor.
+
+    Prefers ``logits``, then ``image_embeds``, then ``pooler_output``.
+    """
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        for key in ("logits", "image_embeds", "pooler_output"):
+            value = out.get(key)
+            if isinstance(value, Tensor):
+                return value
+        raise TypeError(
+            f"model returned a mapping with keys {list(out.keys())}; expected 'logits', "
+            "'image_embeds' or 'pooler_output'"
+        )
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise TypeError(f"cannot read a score tensor from a model output of type {type(out)}")
+
+
+@dataclass
+class ViTAdapter:
+    """Everything captum_vit needs to know about one Vision Transformer.
+
+    Build it with :func:`adapt`; the attribution classes call it for you.
+
+    Attributes:
+        model (nn.Module): the wrapped model (not copied).
+        attention_modules (list[nn.Module]): one module per layer, depth order.
+        patch_size (tuple[int, int]): patch height and width in pixels.
+        num_prefix_tokens (int | None): prefix tokens before the patches; ``None``
+            means "sequence length minus patches", read at capture time.
+        pooling (str): which rows the head reads: ``"cls"`` (row 0), ``"cls_dist"``
+            (mean of rows 0 and 1), ``"mean_patch"`` (mean of the patch rows) or
+            ``"cls_mean_patch"`` (half CLS row, half mean patch row: heads that
+            concatenate both, e.g. Hugging Face Dinov2).
+        family (str): ``"timm"``, ``"hf"``, ``"torchvision"`` or ``"custom"``.
+        img_size (tuple[int, int] | None): the only input size the model accepts, or
+            ``None`` when any multiple of the patch size works.
+        patch_embed (nn.Module | None): module whose output holds the patch
+            embeddings before position embeddings are added ((B, P, D) tokens, or
+            (B, D, gh, gw) for torchvision's ``conv_proj``).
+        token_module (nn.Module | None): module whose output is the full token
+            sequence ``(B, N, D)`` (prefix + patches, position embeddings added)
+            entering the first block.
+    """
+
+    model: nn.Module
+    attention_modules: list[nn.Module]
+    patch_size: tuple[int, int]
+    num_prefix_tokens: int | None
+    pooling: Pooling = "cls"
+    family: str = "custom"
+    img_size: tuple[int, int] | None = None
+    patch_embed: nn.Module | None = None
+    token_module: nn.Module | None = None
+    _capture_kind: str = field(default="module_output", repr=False)
+    _dynamic_pad: bool = field(default=False, repr=False)
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def num_layers(self) -> int:
+        return len(self.attention_modules)
+
+    def grid_size(self, inputs: Tensor) -> tuple[int, int]:
+        """Patch grid ``(gh, gw)`` of a batch ``(B, C, H, W)`` (validated)."""
+        self.check_inputs(inputs)
+        h, w = int(inputs.shape[-2]), int(inputs.shape[-1])
+        ph, pw = self.patch_size
+        if self._dynamic_pad:
+            return (math.ceil(h / ph), math.ceil(w / pw))
+        return (h // ph, w // pw)
+
+    def check_inputs(self, inputs: Tensor) -> None:
+        """Raise ``ValueError`` for inputs this model cannot take."""
+        if not isinstance(inputs, Tensor):
+            raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
+        if inputs.ndim != 4:
+            raise ValueError(
+                f"inputs must be a batch of images (B, C, H, W); got shape {tuple(inputs.shape)}"
+            )
+        if inputs.shape[0] == 0:
+            raise ValueError("inputs is an empty batch")
+        if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+            raise ValueError("inputs contain NaN or Inf")
+        h, w = int(inputs.shape[-2]), int(inputs.shape[-1])
+        if self.img_size is not None and (h, w) != self.img_size:
+            hint = (
+                " (create the timm model with dynamic_img_size=True to accept other sizes)"
+                if self.family == "timm"
+                else ""
+            )
+            raise ValueError(
+                f"this model takes {self.img_size[0]}x{self.img_size[1]} inputs, got "
+                f"{h}x{w}; resize or crop the images first{hint}"
+            )
+        ph, pw = self.patch_size
+        if not self._dynamic_pad and (h < ph or w < pw):
+            raise ValueError(f"inputs of {h}x{w} are smaller than one {ph}x{pw} patch")
+
+    def layout(self, inputs: Tensor, num_tokens: int) -> TokenLayout:
+        """The token layout of ``inputs`` given the sequence length seen by attention."""
+        grid = self.grid_size(inputs)
+        patches = grid[0] * grid[1]
+        prefix = self.num_prefix_tokens
+        if prefix is None:
+            prefix = num_tokens - patches
+            if prefix < 0:
+                raise ValueError(
+                    f"attention has {num_tokens} tokens but the {grid[0]}x{grid[1]} patch "
+                    f"grid of a {tuple(inputs.shape[-2:])} input needs {patches}: check "
+                    "patch_size"
+                )
+        elif prefix + patches != num_tokens:
+            raise ValueError(
+                f"attention has {num_tokens} tokens, but {prefix} prefix tokens + a "
+                f"{grid[0]}x{grid[1]} patch grid make {prefix + patches}: check "
+                "num_prefix_tokens and patch_size"
+            )
+        if self.pooling in ("cls", "cls_dist", "cls_mean_patch") and prefix < (
+            2 if self.pooling == "cls_dist" else 1
+        ):
+            raise ValueError(f"pooling {self.pooling!r} needs prefix tokens; the model has {prefix}")
+        return TokenLayout(num_tokens=num_tokens, num_prefix_tokens=prefix, grid=grid)
+
+    def query_weights(self, layout: TokenLayout, device: torch.device | None = None) -> Tensor:
+        """Weights ``(N,)`` over token rows that the model's head pools (sum to 1)."""
+        w = torch.zeros(layout.num_tokens, dtype=torch.float32, device=device)
+        p = layout.num_prefix_tokens
+        if self.pooling == "cls":
+            w[0] = 1.0
+        elif self.pooling == "cls_dist":
+            w[0] = 0.5
+            w[1] = 0.5
+        elif self.pooling == "mean_patch":
+            w[p:] = 1.0 / layout.num_patches
+        else:  # cls_mean_patch
+            w[0] = 0.5
+            w[p:] += 0.5 / layout.num_patches
+        return w
+
+    # ------------------------------------------------------------------ running
+    def forward(self, inputs: Tensor, *args: Any) -> Tensor:
+        """Run the model and return its score tensor (logits; HF outputs unwrapped)."""
+        return _to_output_tensor(self.model(inputs, *args))
+
+    @contextlib.contextmanager
+    def capture(
+        self,
+        *,
+        keep: bool = True,
+        on_attention: Callable[[int, Tensor], None] | None = None,
+        validate: bool = True,
+    ) -> Iterator[AttentionRecorder]:
+        """Record every layer's attention probabilities while the model runs.
+
+        Args:
+            keep (bool, optional): keep each layer's tensor in
+                ``recorder.attentions`` (needed for gradients). Default: True
+            on_attention (Callable[[int, Tensor], None], optional): called with
+                ``(layer, attention)`` as each layer runs, e.g. to multiply a rollout
+                without holding every layer. Default: None
+            validate (bool, optional): check shape and row sums (rows sum to 1 when
+                the model is in eval mode). Default: True
+
+        Yields:
+            AttentionRecorder: filled during forward passes inside the block.
+
+        Example::
+
+            >>> with adapter.capture() as rec:
+            ...     logits = adapter.forward(x)
+            >>> rec.attentions[0].shape   # (B, heads, N, N)
+        """
+        recorder = AttentionRecorder(
+            self.num_layers, keep=keep, on_attention=on_attention, validate=validate
+        )
+        with contextlib.ExitStack() as stack:
+            if self._capture_kind == "timm":
+                stack.enter_context(_timm_unfused(self.model))
+            elif self._capture_kind == "hf":
+                stack.enter_context(_hf_eager(self.attention_modules))
+            for layer, module in enumerate(self.attention_modules):
+                stack.enter_context(self._hook_layer(layer, module, recorder))
+            yield recorder
+
+    def _hook_layer(
+        self, layer: int, module: nn.Module, recorder: AttentionRecorder
+    ) -> contextlib.AbstractContextManager[None]:
+        if self._capture_kind == "timm":
+            target = module.get_submodule("attn_drop")
+            return _forward_hook(target, lambda out: _record(recorder, layer, out, target))
+        if self._capture_kind == "torchvision":
+            return _torchvision_mha_patch(module, lambda attn: _record(recorder, layer, attn, module))
+        # hf and custom: the module's output (or its second item) is the attention.
+        return _forward_hook(
+            module, lambda out: _record(recorder, layer, _second_if_tuple(out, layer), module)
+        )
+
+
+def _second_if_tuple(out: Any, layer: int) -> Any:
+    if isinstance(out, (tuple, list)):
+        if len(out) < 2 or out[1] is None:
+            raise ValueError(
+                f"attention module of layer {layer} returned a tuple without attention "
+                "weights in its second item (Hugging Face returns them only with eager "
+                "attention)"
+            )
+        return out[1]
+    return out
+
+
+def _record(recorder: AttentionRecorder, layer: int, attn: Any, module: nn.Module) -> None:
+    recorder.record(layer, attn, check_rows=not module.training)
+
+
+@contextlib.contextmanager
+def _forward_hook(module: nn.Module, fn: Callable[[Any], None]) -> Iterator[None]:
+    def hook(_m: nn.Module, _args: Any, out: Any) -> None:
+        fn(out)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _timm_unfused(model: nn.Module) -> Iterator[None]:
+    """Turn ``fused_attn`` off on every timm attention module; restore in finally."""
+    saved: list[tuple[nn.Module, bool]] = []
+    try:
+        for m in model.modules():
+            flag = getattr(m, "fused_attn", None)
+            if isinstance(flag, bool):
+                saved.append((m, flag))
+                setattr(m, "fused_attn", False)  # noqa: B010 - typed as Final in timm
+        yield
+    finally:
+        for m, flag in saved:
+            setattr(m, "fused_attn", flag)  # noqa: B010
+
+
+@contextlib.contextmanager
+def _hf_eager(attention_modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Switch the configs read by HF attention modules to eager attention; restore."""
+    configs: dict[int, Any] = {}
+    for m in attention_modules:
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
+            configs[id(cfg)] = cfg
+    saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs.values()]
+    try:
+        for cfg, _ in saved:
+            cfg._attn_implementation_internal = "eager"
+        yield
+    finally:
+        for cfg, value in saved:
+            cfg._attn_implementation_internal = value
+
+
+@contextlib.contextmanager
+def _torchvision_mha_patch(mha: nn.Module, fn: Callable[[Tensor], None]) -> Iterator[None]:
+    """Run a torchvision ``nn.MultiheadAttention`` through an explicit implementation.
+
+    ``nn.MultiheadAttention`` returns a *view* of its probabilities that is not on the
+    autograd path of its output, so gradients w.r.t. it cannot be taken. For the
+    duration of the capture the instance's ``forward`` is replaced by the same
+    computation written out (in-projection, softmax, dropout, out-projection), whose
+    probability tensor is the one the output depends on.
+    """
+    assert isinstance(mha, nn.MultiheadAttention)
+
+    def forward(
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise UnsupportedModelError(
+                "captum_vit captures torchvision attention without attention masks only"
+            )
+        x = query if mha.batch_first else query.transpose(0, 1)
+        b, n, d = x.shape
+        h = mha.num_heads
+        qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        attn = (q * (d // h) ** -0.5) @ k.transpose(-2, -1)
+        attn = attn.softmax(dim=-1)
+        attn = F.dropout(attn, p=mha.dropout, training=mha.training)
+        fn(attn)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, d)
+        out = mha.out_proj(out)
+        if not mha.batch_first:
+            out = out.transpose(0, 1)
+        weights = (attn.mean(1) if average_attn_weights else attn) if need_weights else None
+        return out, weights
+
+    had_instance_forward = "forward" in mha.__dict__
+    previous = mha.__dict__.get("forward")
+    mha.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if had_instance_forward:
+            mha.forward = previous  # type: ignore[method-assign,assignment]
+        else:
+            del mha.forward
+
+
+# ---------------------------------------------------------------------- detection
+def _unsupported_generic(model: nn.Module) -> UnsupportedModelError:
+    name = type(model).__name__
+    names = " ".join(type(m).__name__.lower() for m in model.modules())
+    if "swin" in name.lower() or "windowattention" in names or "swin" in names:
+        reason = (
+            f"{name} uses windowed (local) self-attention, not global attention over all "
+            "patch tokens, so attention rollout and the other attention-based methods "
+            "are undefined for it"
+        )
+    elif "attention" not in names and "attn" not in names:
+        reason = f"{name} has no self-attention modules (is it a CNN?)"
+    else:
+        reason = f"{name} is not a model captum_vit recognises"
+    return UnsupportedModelError(
+        f"cannot adapt {name}: {reason}. Supported automatically: timm VisionTransformer "
+        "(incl. DeiT distilled, register models) and Eva, Hugging Face ViT / DeiT / Dinov2 / "
+        "Dinov2WithRegisters / CLIP vision, torchvision VisionTransformer. For your own ViT "
+        "pass attention_modules=[one module per layer whose output is the (B, heads, N, N) "
+        "attention probabilities], num_prefix_tokens= and patch_size=."
+    )
+
+
+def _adapt_timm(model: nn.Module) -> ViTAdapter | None:
+    try:
+        from timm.models.eva import Eva
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    if not isinstance(model, (VisionTransformer, Eva)):
+        return None
+    blocks = list(model.blocks)  # type: ignore[arg-type]
+    attns = [getattr(b, "attn", None) for b in blocks]
+    if not attns or any(a is None or not hasattr(a, "attn_drop") for a in attns):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: its blocks have no standard timm attention (attn.attn_drop);"
+            " pass attention_modules= explicitly"
+        )
+    pe = model.patch_embed
+    prefix = int(model.num_prefix_tokens)
+    global_pool = str(getattr(model, "global_pool", "token"))
+    pooling: Pooling
+    distilled = type(model).__name__ == "VisionTransformerDistilled"
+    if getattr(model, "attn_pool", None) is not None or global_pool in ("avg", "avgmax", "max", "map"):
+        pooling = "mean_patch"
+    elif distilled:
+        pooling = "cls_dist"
+    else:
+        pooling = "cls" if prefix > 0 else "mean_patch"
+    strict = bool(getattr(pe, "strict_img_size", True)) and pe.img_size is not None
+    img_size = _pair(pe.img_size) if strict else None
+    return ViTAdapter(
+        model=model,
+        attention_modules=attns,  # type: ignore[arg-type]
+        patch_size=_pair(pe.patch_size),
+        num_prefix_tokens=prefix,
+        pooling=pooling,
+        family="timm",
+        img_size=img_size,
+        patch_embed=pe,
+        token_module=getattr(model, "pos_drop", None),
+        _capture_kind="timm",
+        _dynamic_pad=bool(getattr(pe, "dynamic_img_pad", False)),
+    )
+
+
+_HF_SUPPORTED = ("ViT", "DeiT", "Dinov2", "Dinov2WithRegisters", "CLIPVision", "CLIP")
+
+
+def _adapt_hf(model: nn.Module) -> ViTAdapter | None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return None
+    if not isinstance(model, PreTrainedModel):
+        return None
+    name = type(model).__name__
+    model_type = str(getattr(model.config, "model_type", ""))
+    if model_type not in ("vit", "deit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model"):
+        return None
+    recordable = getattr(type(model), "_can_record_outputs", None) or {}
+    attn_cls = recordable.get("attentions")
+    if not isinstance(attn_cls, type):
+        return None
+    # CLIP's full model holds a text tower too: keep the vision tower's layers only.
+    root: nn.Module = model
+    if model_type == "clip":
+        vision = getattr(model, "vision_model", None)
+        if vision is None:
+            return None
+        root = vision
+    attns = [m for m in root.modules() if isinstance(m, attn_cls)]
+    if not attns:
+        return None
+    cfg = model.config
+    vcfg = getattr(cfg, "vision_config", cfg) if model_type == "clip" else cfg
+    patch = _pair(vcfg.patch_size)
+    embeddings = next(
+        (m for m in root.modules() if type(m).__name__.endswith("Embeddings") and hasattr(m, "position_embedding" if "clip" in model_type else "position_embeddings")),
+        None,
+    )
+    patch_embed = None
+    if embeddings is not None:
+        patch_embed = getattr(embeddings, "patch_embeddings", None) or getattr(
+            embeddings, "patch_embedding", None
+        )
+    pooling: Pooling = "cls"
+    if name == "DeiTForImageClassificationWithTeacher":
+        pooling = "cls_dist"
+    elif name.startswith("Dinov2") and name.endswith("ForImageClassification"):
+        pooling = "cls_mean_patch"
+    elif name == "CLIPForImageClassification":
+        pooling = "mean_patch"
+    fixed = None if model_type.startswith("dinov2") else _pair(vcfg.image_size)
+    return ViTAdapter(
+        model=model,
+        attention_modules=attns,
+        patch_size=patch,
+        num_prefix_tokens=None,
+        pooling=pooling,
+        family="hf",
+        img_size=fixed,
+        patch_embed=patch_embed,
+        token_module=embeddings,
+        _capture_kind="hf",
+    )
+
+
+def _adapt_torchvision(model: nn.Module) -> ViTAdapter | None:
+    try:
+        from torchvision.models.vision_transformer import VisionTransformer as TVViT
+    except ImportError:  # pragma: no cover
+        return None
+    if not isinstance(model, TVViT):
+        return None
+    layers = list(model.encoder.layers)  # type: ignore[arg-type]
+    attns = [layer.self_attention for layer in layers]
+    return ViTAdapter(
+        model=model,
+        attention_modules=attns,  # type: ignore[arg-type]
+        patch_size=_pair(model.patch_size),
+        num_prefix_tokens=1,
+        pooling="cls",
+        family="torchvision",
+        img_size=_pair(model.image_size),
+        patch_embed=model.conv_proj,
+        token_module=model.encoder.dropout,
+        _capture_kind="torchvision",
+    )
+
+
+def adapt(
+    model: nn.Module,
+    *,
+    attention_modules: Sequence[nn.Module] | None = None,
+    num_prefix_tokens: int | None = None,
+    patch_size: int | Sequence[int] | None = None,
+    pooling: Pooling | None = None,
+    patch_embed: nn.Module | None = None,
+    token_module: nn.Module | None = None,
+) -> ViTAdapter:
+    """Describe a Vision Transformer so that captum_vit can capture its attention.
+
+    timm ``VisionTransformer`` (and relatives: DeiT distilled with 2 prefix tokens,
+    register models with ``1 + registers``, ``Eva``), Hugging Face ViT / DeiT /
+    Dinov2 / Dinov2WithRegisters / CLIP vision models and torchvision
+    ``VisionTransformer`` are recognised automatically. For any other model pass
+    ``attention_modules``.
+
+    Args:
+        model (nn.Module): the model; it is used as is, never copied or modified
+            outside a capture.
+        attention_modules (Sequence[nn.Module], optional): one module per layer, in
+            depth order, whose forward output is the attention-probability tensor
+            ``(B, heads, N, N)`` (rows summing to 1), or a tuple whose second item is
+            that tensor. Required for models that are not recognised. Default: None
+        num_prefix_tokens (int, optional): tokens before the patch tokens. For a
+            custom model, ``None`` means "sequence length minus number of patches".
+            Overrides the detected value for known families. Default: None
+        patch_size (int or (int, int), optional): patch size in pixels; required
+            with ``attention_modules``. Default: None
+        pooling (str, optional): which token rows the head reads: ``"cls"``,
+            ``"cls_dist"``, ``"mean_patch"`` or ``"cls_mean_patch"``. Detected for
+            known families; ``"cls"`` for custom models. Default: None
+        patch_embed (nn.Module, optional): module whose output is the patch
+            embeddings before position embeddings (for token masking). Default: None
+        token_module (nn.Module, optional): module whose output is the full token
+            sequence ``(B, N, D)`` entering the first block. Default: None
+
+    Returns:
+        ViTAdapter: the description used by every attribution class.
+
+    Raises:
+        UnsupportedModelError: for CNNs, windowed-attention models (Swin) and other
+            models without detectable global self-attention, naming what to pass.
+
+    Example::
+
+        >>> import timm, captum_vit
+        >>> model = timm.create_model("deit_tiny_patch16_224").eval()
+        >>> adapter = captum_vit.adapt(model)
+        >>> adapter.num_prefix_tokens, adapter.patch_size
+        (1, (16, 16))
+    """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if pooling is not None and pooling not in _POOLINGS:
+        raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
+    if num_prefix_tokens is not None and num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+
+    if attention_modules is not None:
+        modules = list(attention_modules)
+        if not modules or not all(isinstance(m, nn.Module) for m in modules):
+            raise ValueError("attention_modules must be a non-empty sequence of nn.Module")
+        if patch_size is None:
+            raise UnsupportedModelError(
+                "a custom model needs patch_size= (the patch size in pixels) together with "
+                "attention_modules="
+            )
+        kind = "torchvision" if all(isinstance(m, nn.MultiheadAttention) for m in modules) else "module_output"
+        return ViTAdapter(
+            model=model,
+            attention_modules=modules,
+            patch_size=_pair(patch_size),
+            num_prefix_tokens=num_prefix_tokens,
+            pooling=pooling or "cls",
+            family="custom",
+            patch_embed=patch_embed,
+            token_module=token_module,
+            _capture_kind=kind,
+        )
+
+    adapter = _adapt_timm(model) or _adapt_hf(model) or _adapt_torchvision(model)
+    if adapter is None:
+        raise _unsupported_generic(model)
+    if num_prefix_tokens is not None:
+        adapter.num_prefix_tokens = num_prefix_tokens
+    if patch_size is not None:
+        adapter.patch_size = _pair(patch_size)
+    if pooling is not None:
+        adapter.pooling = pooling
+    if patch_embed is not None:
+        adapter.patch_embed = patch_embed
+    if token_module is not None:
+        adapter.token_module = token_module
+    return adapter
+
+
+def resolve_adapter(model: nn.Module, adapter: ViTAdapter | None) -> ViTAdapter:
+    """The adapter to use for ``model``: the given one (checked) or :func:`adapt`."""
+    if adapter is None:
+        return adapt(model)
+    if not isinstance(adapter, ViTAdapter):
+        raise TypeError(f"adapter must be a ViTAdapter (from captum_vit.adapt), got {type(adapter).__name__}")
+    if adapter.model is not model:
+        raise ValueError("adapter was built for a different model")
+    return adapter

@@ -1,0 +1,7 @@
+"""Attribution methods, one per file, each a Captum ``Attribution`` subclass."""
+
+from .attention_rollout import AttentionRollout
+from .gradient_rollout import GradientRollout
+from .raw_attention import RawAttention
+
+__all__ = ["AttentionRollout", "GradientRollout", "RawAttention"]

@@ -1,0 +1,142 @@
+"""Helpers shared by every attribution class: inputs, targets and output shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._capture import TokenLayout, ViTAdapter
+
+__all__: list[str] = []
+
+TargetType = int | Sequence[int] | Tensor | None
+
+
+def _unpack_inputs(inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, bool]:
+    """Accept a tensor or a 1-tuple (Captum style); return (tensor, was_tuple)."""
+    if isinstance(inputs, tuple):
+        if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
+            raise ValueError(
+                "captum_vit methods explain one image tensor: pass a tensor (B, C, H, W) or a "
+                f"1-tuple of it, got a tuple of {len(inputs)} item(s)"
+            )
+        return inputs[0], True
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a tensor (B, C, H, W), got {type(inputs).__name__}")
+    return inputs, False
+
+
+def _forward_args(additional_forward_args: Any) -> tuple[Any, ...]:
+    if additional_forward_args is None:
+        return ()
+    if isinstance(additional_forward_args, tuple):
+        return additional_forward_args
+    return (additional_forward_args,)
+
+
+def _resolve_target(target: TargetType, scores: Tensor) -> Tensor:
+    """Captum-style target -> LongTensor (B,), validated against ``scores`` (B, C).
+
+    ``None`` picks each sample's highest score (the predicted class).
+    """
+    if scores.ndim != 2:
+        raise ValueError(
+            f"the model's output has shape {tuple(scores.shape)}; class targets need (B, classes)"
+        )
+    batch, classes = scores.shape
+    if target is None:
+        return scores.detach().argmax(dim=1)
+    if isinstance(target, bool):
+        raise TypeError("target must be an int, a list of ints or a tensor, not bool")
+    if isinstance(target, int):
+        t = torch.full((batch,), target, dtype=torch.long, device=scores.device)
+    elif isinstance(target, Tensor):
+        if target.is_floating_point():
+            raise TypeError("target tensor must hold integers")
+        t = target.to(device=scores.device, dtype=torch.long).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(batch)
+    elif isinstance(target, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in target):
+        t = torch.tensor(list(target), dtype=torch.long, device=scores.device)
+    else:
+        raise TypeError(
+            f"target must be None, an int, a list of ints or an integer tensor, got {target!r}"
+        )
+    if t.numel() != batch:
+        raise ValueError(f"got {t.numel()} targets for a batch of {batch}")
+    if (t < 0).any() or (t >= classes).any():
+        bad = t[(t < 0) | (t >= classes)][0].item()
+        raise ValueError(f"target {bad} is out of range for a model with {classes} outputs")
+    return t.contiguous()
+
+
+def _query_rows(matrix: Tensor, adapter: ViTAdapter, layout: TokenLayout) -> Tensor:
+    """Query rows of a (B, ..., N, N) matrix, patch columns only: (B, ..., gh, gw)."""
+    w = adapter.query_weights(layout, device=matrix.device)
+    rows = torch.einsum("n,...nm->...m", w, matrix.float())
+    patches = rows[..., layout.num_prefix_tokens :]
+    return patches.reshape(*patches.shape[:-1], *layout.grid)
+
+
+def _query_indices(adapter: ViTAdapter, layout: TokenLayout, device: torch.device) -> Tensor:
+    """Indices of the token rows the head reads (where the query weights are > 0)."""
+    return torch.nonzero(adapter.query_weights(layout, device=device) > 0).flatten()
+
+
+def _format_output(
+    maps: Tensor, inputs: Tensor, *, return_patch_grid: bool, as_tuple: bool
+) -> Tensor | tuple[Tensor, ...]:
+    """Patch maps (B, gh, gw) -> contiguous (B, 1, gh, gw) or input-shaped tensor.
+
+    Input-shaped output upsamples with nearest neighbour (each pixel takes the value
+    of its patch) and repeats the map in every channel.
+    """
+    grid = maps.unsqueeze(1)
+    if return_patch_grid:
+        out = grid.contiguous()
+    else:
+        up = F.interpolate(grid.float(), size=tuple(inputs.shape[-2:]), mode="nearest")
+        out = up.expand(-1, inputs.shape[1], -1, -1).contiguous()
+    if inputs.is_floating_point():
+        out = out.to(inputs.dtype)
+    return (out,) if as_tuple else out
+
+
+def _check_fusion(head_fusion: str) -> str:
+    if head_fusion not in ("mean", "max", "min"):
+        raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
+    return head_fusion
+
+
+def _check_layer_index(index: int, num_layers: int, name: str) -> int:
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise TypeError(f"{name} must be an int, got {type(index).__name__}")
+    if not -num_layers <= index < num_layers:
+        raise ValueError(f"{name}={index} is out of range for a model with {num_layers} layers")
+    return index % num_layers
+
+
+def _run_captured(
+    adapter: ViTAdapter,
+    inputs: Tensor,
+    args: tuple[Any, ...],
+    *,
+    keep: bool,
+    on_attention: Any = None,
+) -> tuple[Tensor, list[Tensor | None], TokenLayout]:
+    """One forward pass under capture: (scores, per-layer attention or None, layout)."""
+    adapter.check_inputs(inputs)
+    with adapter.capture(keep=keep, on_attention=on_attention) as rec:
+        scores = adapter.forward(inputs, *args)
+    if rec.num_tokens is None:
+        raise RuntimeError(
+            "no attention was captured during the forward pass: the adapter's attention "
+            "modules are not used by the model's forward"
+        )
+    if keep:
+        rec.kept()
+    return scores, rec.attentions, adapter.layout(inputs, rec.num_tokens)

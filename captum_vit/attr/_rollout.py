@@ -1,0 +1,101 @@
+"""Head fusion and rollout products, written once for every rollout-style method.
+
+All arithmetic is float32 whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__: list[str] = []
+
+
+def fuse_heads(attn: Tensor, head_fusion: str) -> Tensor:
+    """Fuse heads of ``(B, heads, N, N)`` -> ``(B, N, N)`` float32 (mean, max or min)."""
+    a = attn.float()
+    if head_fusion == "mean":
+        return a.mean(dim=1)
+    if head_fusion == "max":
+        return a.amax(dim=1)
+    if head_fusion == "min":
+        return a.amin(dim=1)
+    raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
+
+
+def discard_smallest(fused: Tensor, ratio: float, protected: Tensor) -> Tensor:
+    """Zero the ``ratio`` fraction of smallest entries of each sample's ``(N, N)`` map.
+
+    ``k = floor(ratio * N * N)`` entries are zeroed per sample; the diagonal entries
+    of the ``protected`` rows (the query rows) are never chosen. Returns a new tensor.
+    """
+    if ratio <= 0:
+        return fused
+    b, n, _ = fused.shape
+    flat = fused.reshape(b, n * n).clone()
+    k = min(int(ratio * n * n), n * n - protected.numel())
+    if k <= 0:
+        return fused
+    keyed = flat.clone()
+    keyed[:, protected * n + protected] = float("inf")
+    idx = keyed.topk(k, dim=1, largest=False).indices
+    flat.scatter_(1, idx, 0.0)
+    return flat.reshape(b, n, n)
+
+
+def residual_normalize(fused: Tensor, residual_weight: float) -> Tensor:
+    """``(1 - w)·F + w·I``, each row divided by its sum (all-zero rows stay zero)."""
+    n = fused.shape[-1]
+    eye = torch.eye(n, dtype=fused.dtype, device=fused.device)
+    mixed = (1.0 - residual_weight) * fused + residual_weight * eye
+    sums = mixed.sum(dim=-1, keepdim=True)
+    return mixed / torch.where(sums > 0, sums, torch.ones_like(sums))
+
+
+class RolloutProduct:
+    """Accumulates ``R = Ã_L · … · Ã_start`` one layer at a time (O(N²) memory).
+
+    Args:
+        head_fusion (str): "mean", "max" or "min".
+        discard_ratio (float): fraction of smallest fused entries set to 0.
+        residual_weight (float): ``w`` in ``(1 - w)·F + w·I``.
+        protected (Tensor): token indices whose diagonal entry is never discarded.
+    """
+
+    def __init__(
+        self, head_fusion: str, discard_ratio: float, residual_weight: float, protected: Tensor
+    ) -> None:
+        self.head_fusion = head_fusion
+        self.discard_ratio = discard_ratio
+        self.residual_weight = residual_weight
+        self.protected = protected
+        self.result: Tensor | None = None
+
+    def layer_matrix(self, per_head: Tensor) -> Tensor:
+        """Steps 1-3 for one layer: fuse heads, discard, residual + row normalisation."""
+        fused = fuse_heads(per_head, self.head_fusion)
+        fused = discard_smallest(fused, self.discard_ratio, self.protected.to(fused.device))
+        return residual_normalize(fused, self.residual_weight)
+
+    def update(self, per_head: Tensor) -> None:
+        """Multiply the next layer's ``Ã_l`` (from per-head maps) onto the left of R."""
+        a = self.layer_matrix(per_head)
+        self.result = a if self.result is None else torch.bmm(a, self.result)
+
+
+def chefer_update(relevance: Tensor | None, attn: Tensor, grad: Tensor) -> Tensor:
+    """One layer of Chefer et al. (2021): ``R = R + mean_heads((G ⊙ A)⁺) · R``."""
+    cam = (grad.float() * attn.float()).clamp(min=0).mean(dim=1)
+    if relevance is None:
+        n = attn.shape[-1]
+        relevance = torch.eye(n, dtype=torch.float32, device=attn.device).expand(
+            attn.shape[0], n, n
+        )
+    return relevance + torch.bmm(cam, relevance)
+
+
+def check_rollout_args(discard_ratio: float, residual_weight: float) -> None:
+    if not 0.0 <= float(discard_ratio) < 1.0:
+        raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    if not 0.0 <= float(residual_weight) <= 1.0:
+        raise ValueError(f"residual_weight must be in [0, 1], got {residual_weight}")
