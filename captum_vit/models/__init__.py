@@ -1,0 +1,340 @@
+"""Models ready to explain: the bundled offline DeiT-Tiny and loaders for timm and
+Hugging Face checkpoints.
+
+* :func:`load_default` needs no network: it builds timm's ``deit_tiny_patch16_224``
+  from the float16 safetensors file shipped inside the package (ImageNet-1k DeiT
+  weights, Apache-2.0, Touvron et al. 2021, from facebookresearch/deit as exported in
+  wvfunc/matlab-bit_true-deit_tiny-fix, see NOTICE) and returns it with its
+  preprocessing and the 1000 ImageNet class names (from timm's bundled WordNet
+  lemmas).
+* :func:`load_model` loads ``"timm:NAME"`` or ``"hf:NAME_OR_DIR"`` models, from the
+  hub (when online) or from local weights: safetensors files or
+  ``torch.load(..., weights_only=True)`` checkpoints only (no pickled code runs).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._transform import ImageLike, ImageTransform, load_image
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "ImageLike",
+    "ImageTransform",
+    "default_weights_path",
+    "imagenet_class_names",
+    "load_default",
+    "load_image",
+    "load_model",
+    "load_state_dict",
+]
+
+#: timm architecture of the bundled model.
+DEFAULT_MODEL_NAME = "deit_tiny_patch16_224"
+_DEFAULT_WEIGHTS = "deit_tiny_patch16_224.fp16.safetensors"
+
+
+def default_weights_path() -> Path:
+    """Path of the bundled DeiT-Tiny weights (float16 safetensors, 11.4 MB).
+
+    Returns:
+        pathlib.Path: the file inside the installed package.
+
+    Raises:
+        FileNotFoundError: the package was installed without its data files.
+    """
+    path = Path(str(resources.files(__name__).joinpath("_assets", _DEFAULT_WEIGHTS)))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the bundled model weights are missing ({path}); reinstall captum-vit "
+            "(the wheel ships captum_vit/models/_assets/*)"
+        )
+    return path
+
+
+def imagenet_class_names(subset: str = "imagenet-1k") -> list[str]:
+    """The ImageNet class names in timm's class-index order, offline.
+
+    Read from timm's bundled WordNet files (``timm.data.ImageNetInfo``): index 285 is
+    ``"Egyptian cat"``, 967 ``"espresso"``.
+
+    Args:
+        subset (str, optional): ``"imagenet-1k"``, ``"imagenet-21k"``, ...
+            (any subset timm knows). Default: "imagenet-1k"
+
+    Returns:
+        list[str]: one description per class (comma-separated synonyms).
+    """
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo(subset)
+    return [str(info.index_to_description(i)) for i in range(info.num_classes())]
+
+
+def load_state_dict(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a state dict safely: safetensors, or ``torch.load(weights_only=True)``.
+
+    A checkpoint that wraps the weights under ``"state_dict"``, ``"model"`` or
+    ``"model_state_dict"`` is unwrapped.
+
+    Args:
+        path (str or PathLike): ``*.safetensors``, or a ``*.pt`` / ``*.pth`` / ``*.bin``
+            file written by ``torch.save``.
+
+    Returns:
+        dict[str, Tensor]: parameter name -> tensor (on CPU, dtype as stored).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file holds something other than tensors, or needs pickled code
+            (refused by ``weights_only=True``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file not found: {p}")
+    if p.suffix == ".safetensors":
+        import safetensors.torch
+
+        try:
+            return dict(safetensors.torch.load_file(str(p)))
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"cannot read {p} as safetensors: {err}") from err
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError, ... from torch.load
+        raise ValueError(
+            f"cannot read {p} with torch.load(weights_only=True) (only plain tensor "
+            f"checkpoints are accepted): {err}"
+        ) from err
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, dict):
+                obj = inner
+                break
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise ValueError(f"{p} does not hold a state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    target = model.state_dict()
+    converted = {
+        k: v.to(target[k].dtype) if k in target and v.is_floating_point() else v
+        for k, v in state.items()
+    }
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"the weights in {source} do not fit {type(model).__name__}: "
+            f"{len(missing)} missing key(s) {list(missing)[:5]}, "
+            f"{len(unexpected)} unexpected key(s) {list(unexpected)[:5]}"
+        )
+
+
+def _finish(model: nn.Module, device: str | torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+    if device is not None:
+        model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def _timm_transform(model: nn.Module) -> ImageTransform:
+    import timm.data
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    transform = timm.data.create_transform(**cfg)
+    size = cfg["input_size"]
+    return ImageTransform(transform, cfg["mean"], cfg["std"], (int(size[1]), int(size[2])))
+
+
+def _timm_class_names(model: nn.Module) -> list[str]:
+    import timm.data
+
+    num = int(getattr(model, "num_classes", 0) or 0)
+    subset = timm.data.infer_imagenet_subset(model)
+    if subset is not None:
+        names = imagenet_class_names(subset)
+        if len(names) == num:
+            return names
+    return [f"class {i}" for i in range(num)]
+
+
+def load_default(
+    *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, ImageTransform, list[str]]:
+    """The bundled ImageNet DeiT-Tiny, its preprocessing and class names, offline.
+
+    The model is timm's ``deit_tiny_patch16_224`` (5.7M parameters, 12 layers,
+    3 heads, 16x16 patches, 224x224 input, one CLS token) with the float16 weights
+    shipped in the package, converted to float32 (or ``dtype``) and in eval mode.
+    The weights are the DeiT weights (Apache-2.0, facebookresearch/deit) as exported
+    in wvfunc/matlab-bit_true-deit_tiny-fix; their LayerNorm parameters are rounded,
+    so predictions are close to, not identical with, the official checkpoint
+    (skimage's ``chelsea`` -> 285 "Egyptian cat", ``coffee`` -> 967 "espresso").
+
+    Args:
+        device (str or torch.device, optional): where to put the model.
+            Default: None (CPU)
+        dtype (torch.dtype, optional): parameter dtype. Default: None (float32)
+
+    Returns:
+        tuple: ``(model, transform, class_names)`` where ``model`` is an
+        ``nn.Module`` returning logits ``(B, 1000)``, ``transform`` an
+        :class:`ImageTransform` (PIL image, array or path -> ``(3, 224, 224)``: bicubic
+        resize, centre crop 0.9, ImageNet mean/std) and ``class_names`` a list of
+        1000 strings in class-index order.
+
+    Example::
+
+        >>> from captum_vit.models import load_default
+        >>> from skimage import data
+        >>> model, transform, names = load_default()
+        >>> x = transform(data.chelsea()).unsqueeze(0)
+        >>> names[model(x).argmax().item()]
+        'Egyptian cat'
+    """
+    import timm
+
+    model = timm.create_model(DEFAULT_MODEL_NAME, pretrained=False)
+    _apply_state_dict(model, load_state_dict(default_weights_path()), "the bundled weights")
+    model = _finish(model, device, dtype)
+    return model, _timm_transform(model), imagenet_class_names()
+
+
+def _load_timm(
+    name: str, weights: Path | None, kwargs: dict[str, Any]
+) -> tuple[nn.Module, ImageTransform, list[str]]:
+    import timm
+
+    if not timm.is_model(name.split(".")[0]):
+        raise ValueError(f"timm has no model named {name!r} (see timm.list_models())")
+    model = timm.create_model(name, pretrained=weights is None, **kwargs)
+    if weights is not None:
+        _apply_state_dict(model, load_state_dict(weights), str(weights))
+    return model, _timm_transform(model), _timm_class_names(model)
+
+
+def _hf_transform(source: str, config: Any) -> ImageTransform:
+    from torchvision import transforms as T
+
+    try:
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError):
+        processor = None
+    size = getattr(config, "image_size", 224)
+    size = int(size if isinstance(size, int) else size[0])
+    if processor is None:
+        # transformers' ViTImageProcessor defaults: resize, mean = std = 0.5
+        mean = std = (0.5, 0.5, 0.5)
+        transform = T.Compose(
+            [T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(), T.Normalize(mean, std)]
+        )
+        return ImageTransform(transform, mean, std, (size, size))
+    mean = tuple(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))
+    std = tuple(getattr(processor, "image_std", None) or (0.5, 0.5, 0.5))
+
+    def run_processor(image: Any) -> torch.Tensor:
+        return processor(images=image, return_tensors="pt")["pixel_values"][0]  # type: ignore[misc]
+
+    probe = run_processor(load_image(np.zeros((8, 8, 3), dtype=np.uint8)))
+    return ImageTransform(run_processor, mean, std, (int(probe.shape[-2]), int(probe.shape[-1])))
+
+
+def _load_hf(
+    source: str, weights: Path | None, kwargs: dict[str, Any]
+) -> tuple[nn.Module, ImageTransform, list[str]]:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise ValueError(
+            f"cannot load a Hugging Face config from {source!r} (a hub name or a directory "
+            f"with config.json): {err}"
+        ) from err
+    if weights is None:
+        model = AutoModelForImageClassification.from_pretrained(source, **kwargs)
+    else:
+        model = AutoModelForImageClassification.from_config(config, **kwargs)
+        _apply_state_dict(model, load_state_dict(weights), str(weights))
+    cfg = model.config
+    vision_cfg = getattr(cfg, "vision_config", cfg)
+    id2label = getattr(cfg, "id2label", None) or {}
+    names = [str(id2label.get(i, f"class {i}")) for i in range(int(getattr(cfg, "num_labels", len(id2label))))]
+    return model, _hf_transform(source, vision_cfg), names
+
+
+def load_model(
+    spec: str,
+    weights: str | PathLike[str] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **model_kwargs: Any,
+) -> tuple[nn.Module, ImageTransform, list[str]]:
+    """Load a classifier to explain, with its preprocessing and class names.
+
+    Args:
+        spec (str): ``"default"`` (the bundled DeiT-Tiny, see :func:`load_default`),
+            ``"timm:NAME"`` (``timm.create_model(NAME)``; downloads pretrained weights
+            from the hub unless ``weights`` is given) or ``"hf:NAME_OR_DIR"`` (Hugging
+            Face ``AutoModelForImageClassification`` from the hub or from a directory
+            written by ``save_pretrained``).
+        weights (str or PathLike, optional): local weights to load instead of the
+            hub's: a ``.safetensors`` file or a ``torch.save`` state dict read with
+            ``weights_only=True``. For ``hf:`` the architecture comes from the config
+            of ``NAME_OR_DIR``. Default: None
+        device (str or torch.device, optional): where to put the model. Default: None
+        dtype (torch.dtype, optional): parameter dtype. Default: None
+        **model_kwargs (Any): passed to ``timm.create_model`` (e.g. ``num_classes``,
+            ``img_size``) or to ``from_pretrained`` / ``from_config``.
+
+    Returns:
+        tuple: ``(model, transform, class_names)`` as in :func:`load_default`; the
+        model is in eval mode. Class names are the ImageNet names for timm ImageNet
+        heads, the config's ``id2label`` for Hugging Face, else ``"class i"``.
+
+    Raises:
+        ValueError: unknown prefix or model name, unreadable or mismatching weights.
+        FileNotFoundError: ``weights`` does not exist.
+
+    Example::
+
+        >>> model, transform, names = load_model("timm:deit_small_patch16_224")
+        >>> model, transform, names = load_model(
+        ...     "timm:vit_tiny_patch16_224", weights="vit_tiny.safetensors")
+        >>> model, transform, names = load_model("hf:./my-finetuned-vit")
+    """
+    if not isinstance(spec, str):
+        raise TypeError(f"spec must be a string like 'timm:NAME' or 'hf:NAME', got {type(spec).__name__}")
+    path = Path(weights) if weights is not None else None
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    prefix, _, name = spec.partition(":")
+    if spec == "default" and path is None and not model_kwargs:
+        return load_default(device=device, dtype=dtype)
+    if prefix == "default" or spec == "default":
+        raise ValueError("'default' takes no weights or model arguments; use 'timm:NAME' instead")
+    if not name:
+        raise ValueError(f"model spec {spec!r} should look like 'default', 'timm:NAME' or 'hf:NAME_OR_DIR'")
+    if prefix == "timm":
+        model, transform, names = _load_timm(name, path, model_kwargs)
+    elif prefix == "hf":
+        model, transform, names = _load_hf(name, path, model_kwargs)
+    else:
+        raise ValueError(f"unknown model source {prefix!r} in {spec!r}: use 'timm:' or 'hf:'")
+    return _finish(model, device, dtype), transform, names
