@@ -221,7 +221,7 @@ def test_perturbation_curve_labels_and_known_answer() -> None:
     with torch.no_grad():
         pred = model(x).argmax(1)
     wrong = (pred + 1) % 1000
-    curve, auc = perturbation_curve(model, x, grid, fractions=[0.0, 0.5], labels=wrong.tolist())
+    curve, _auc = perturbation_curve(model, x, grid, fractions=[0.0, 0.5], labels=wrong.tolist())
     assert curve[:, 0].tolist() == [0.0, 0.0]
     # a map whose ordering equals the model's own patch-removal effect is better than
     # its reverse: positive order of the map == negative order of the negated map
