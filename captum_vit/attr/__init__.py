@@ -3,5 +3,6 @@
 from .attention_rollout import AttentionRollout
 from .gradient_rollout import GradientRollout
 from .raw_attention import RawAttention
+from .sift_interrelation import SiftInterrelation
 
-__all__ = ["AttentionRollout", "GradientRollout", "RawAttention"]
+__all__ = ["AttentionRollout", "GradientRollout", "RawAttention", "SiftInterrelation"]
