@@ -198,6 +198,15 @@ class ViTAdapter:
         token_module (nn.Module | None): module whose output is the full token
             sequence ``(B, N, D)`` (prefix + patches, position embeddings added)
             entering the first block.
+        blocks (list[nn.Module] | None): the transformer blocks, depth order, one per
+            attention module; each block's output (or its first item, when a tuple)
+            is the token sequence ``(B, N, D)`` leaving that block (used by Grad-CAM).
+        out_projections (list[nn.Module] | None): per layer, the attention's output
+            projection (a linear layer whose input is the heads' outputs concatenated
+            head by head, ``(B, N, heads * head_dim)``): timm ``attn.proj``, Hugging
+            Face ``o_proj`` / ``out_proj`` / ``*SelfOutput.dense``, torchvision
+            ``out_proj`` (called as a module only inside :meth:`capture`). Used to
+            zero attention heads.
     """
 
     model: nn.Module
@@ -209,6 +218,8 @@ class ViTAdapter:
     img_size: tuple[int, int] | None = None
     patch_embed: nn.Module | None = None
     token_module: nn.Module | None = None
+    blocks: list[nn.Module] | None = None
+    out_projections: list[nn.Module] | None = None
     _capture_kind: str = field(default="module_output", repr=False)
     _dynamic_pad: bool = field(default=False, repr=False)
 
@@ -492,6 +503,40 @@ def _unsupported_generic(model: nn.Module) -> UnsupportedModelError:
     )
 
 
+def _find_blocks(model: nn.Module, attns: Sequence[nn.Module]) -> list[nn.Module] | None:
+    """The block holding each attention module: its ancestor that sits in a ModuleList."""
+    parent: dict[int, nn.Module] = {}
+    for mod in model.modules():
+        for child in mod.children():
+            parent.setdefault(id(child), mod)
+    blocks: list[nn.Module] = []
+    for attn in attns:
+        node: nn.Module = attn
+        while id(node) in parent and not isinstance(parent[id(node)], nn.ModuleList):
+            node = parent[id(node)]
+        if id(node) not in parent:
+            return None
+        blocks.append(node)
+    return blocks
+
+
+def _find_out_projections(attns: Sequence[nn.Module]) -> list[nn.Module] | None:
+    """Each attention's output projection (``proj``, ``o_proj``, ``out_proj``, ``output.dense``)."""
+    projs: list[nn.Module] = []
+    for attn in attns:
+        found = None
+        for name in ("proj", "o_proj", "out_proj", "output.dense"):
+            try:
+                found = attn.get_submodule(name)
+            except AttributeError:
+                continue
+            break
+        if not isinstance(found, nn.Linear):
+            return None
+        projs.append(found)
+    return projs
+
+
 def _adapt_timm(model: nn.Module) -> ViTAdapter | None:
     try:
         from timm.models.eva import Eva
@@ -530,6 +575,8 @@ def _adapt_timm(model: nn.Module) -> ViTAdapter | None:
         img_size=img_size,
         patch_embed=pe,
         token_module=getattr(model, "pos_drop", None),
+        blocks=blocks,
+        out_projections=_find_out_projections(attns),  # type: ignore[arg-type]
         _capture_kind="timm",
         _dynamic_pad=bool(getattr(pe, "dynamic_img_pad", False)),
     )
@@ -593,6 +640,8 @@ def _adapt_hf(model: nn.Module) -> ViTAdapter | None:
         img_size=fixed,
         patch_embed=patch_embed,
         token_module=embeddings,
+        blocks=_find_blocks(root, attns),
+        out_projections=_find_out_projections(attns),
         _capture_kind="hf",
     )
 
@@ -616,6 +665,8 @@ def _adapt_torchvision(model: nn.Module) -> ViTAdapter | None:
         img_size=_pair(model.image_size),
         patch_embed=model.conv_proj,
         token_module=model.encoder.dropout,
+        blocks=layers,  # type: ignore[arg-type]
+        out_projections=[a.out_proj for a in attns],  # type: ignore[misc]
         _capture_kind="torchvision",
     )
 
@@ -629,6 +680,8 @@ def adapt(
     pooling: Pooling | None = None,
     patch_embed: nn.Module | None = None,
     token_module: nn.Module | None = None,
+    blocks: Sequence[nn.Module] | None = None,
+    out_projections: Sequence[nn.Module] | None = None,
 ) -> ViTAdapter:
     """Describe a Vision Transformer so that captum_vit can capture its attention.
 
@@ -657,6 +710,14 @@ def adapt(
             embeddings before position embeddings (for token masking). Default: None
         token_module (nn.Module, optional): module whose output is the full token
             sequence ``(B, N, D)`` entering the first block. Default: None
+        blocks (Sequence[nn.Module], optional): the transformer blocks, one per
+            layer, whose output is the token sequence ``(B, N, D)`` (for
+            :class:`~captum_vit.ViTGradCam`). Detected for known families.
+            Default: None
+        out_projections (Sequence[nn.Module], optional): per layer, the attention's
+            output projection (``nn.Linear`` taking the heads' outputs concatenated
+            head by head), for head ablation. Detected for known families.
+            Default: None
 
     Returns:
         ViTAdapter: the description used by every attribution class.
@@ -699,6 +760,8 @@ def adapt(
             family="custom",
             patch_embed=patch_embed,
             token_module=token_module,
+            blocks=_checked_per_layer(blocks, len(modules), "blocks"),
+            out_projections=_checked_per_layer(out_projections, len(modules), "out_projections"),
             _capture_kind=kind,
         )
 
@@ -715,7 +778,28 @@ def adapt(
         adapter.patch_embed = patch_embed
     if token_module is not None:
         adapter.token_module = token_module
+    if blocks is not None:
+        adapter.blocks = _checked_per_layer(blocks, adapter.num_layers, "blocks")
+    if out_projections is not None:
+        adapter.out_projections = _checked_per_layer(
+            out_projections, adapter.num_layers, "out_projections"
+        )
     return adapter
+
+
+def _checked_per_layer(
+    modules: Sequence[nn.Module] | None, num_layers: int, name: str
+) -> list[nn.Module] | None:
+    """Validate a per-layer module list passed to :func:`adapt` (one per attention layer)."""
+    if modules is None:
+        return None
+    items = list(modules)
+    if len(items) != num_layers or not all(isinstance(m, nn.Module) for m in items):
+        raise ValueError(
+            f"{name} must hold one nn.Module per attention layer ({num_layers}), got "
+            f"{len(items)} item(s)"
+        )
+    return items
 
 
 def resolve_adapter(model: nn.Module, adapter: ViTAdapter | None) -> ViTAdapter:
