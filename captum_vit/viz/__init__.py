@@ -2,5 +2,25 @@
 draws on a given ``Axes``) and never calls ``plt.show()``."""
 
 from .interrelation import plot_interrelation
+from .layers import (
+    layer_grid,
+    layer_head_grid,
+    most_focused_layers,
+    plot_most_focused,
+    rollout_statistics,
+)
+from .overlay import attribution_to_map, image_to_array, normalize_map, overlay, overlay_array
 
-__all__: list[str] = ["plot_interrelation"]
+__all__: list[str] = [
+    "attribution_to_map",
+    "image_to_array",
+    "layer_grid",
+    "layer_head_grid",
+    "most_focused_layers",
+    "normalize_map",
+    "overlay",
+    "overlay_array",
+    "plot_interrelation",
+    "plot_most_focused",
+    "rollout_statistics",
+]

@@ -1,0 +1,293 @@
+"""Heat-map overlays of an attribution on its image.
+
+Every function accepts what the methods return (``(C, H, W)`` input-shaped maps,
+``(1, gh, gw)`` patch grids, a batch of one) and images as PIL images, uint8 / float
+arrays ``(H, W, 3)`` or float tensors ``(3, H, W)`` in ``[0, 1]``. Pass the image the
+model saw (after resize and crop; ``ImageTransform.to_image`` gives it), not the
+normalised input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import Tensor
+
+__all__ = [
+    "attribution_to_map",
+    "image_to_array",
+    "normalize_map",
+    "overlay",
+    "overlay_array",
+]
+
+_NORMALIZE = ("minmax", "percentile")
+_UPSAMPLE = ("bilinear", "nearest", "bicubic")
+
+
+def image_to_array(image: Any) -> np.ndarray:
+    """Any image -> float RGB array ``(H, W, 3)`` in ``[0, 1]``.
+
+    Args:
+        image (PIL.Image, numpy.ndarray or Tensor): PIL image; array ``(H, W)``,
+            ``(H, W, 3)`` or ``(H, W, 4)`` (uint8 0..255 or float 0..1); tensor
+            ``(3, H, W)``, ``(1, H, W)`` or ``(1, 3, H, W)`` with values in ``[0, 1]``.
+
+    Returns:
+        numpy.ndarray: ``(H, W, 3)`` float64 in ``[0, 1]``.
+    """
+    if isinstance(image, Image.Image):
+        arr = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+        return arr
+    if isinstance(image, Tensor):
+        t = image.detach().float().cpu()
+        if t.ndim == 4:
+            if t.shape[0] != 1:
+                raise ValueError(f"expected one image, got a batch of {t.shape[0]}")
+            t = t[0]
+        if t.ndim != 3 or t.shape[0] not in (1, 3):
+            raise ValueError(f"an image tensor must be (3, H, W) or (1, H, W); got {tuple(image.shape)}")
+        if t.min() < -1e-3 or t.max() > 1 + 1e-3:
+            raise ValueError(
+                "an image tensor must hold values in [0, 1]; this one looks normalised: "
+                "pass transform.to_image(x) (captum_vit.models.ImageTransform) instead"
+            )
+        arr = t.expand(3, -1, -1).permute(1, 2, 0).numpy().astype(np.float64)
+        return np.clip(arr, 0.0, 1.0)
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+            raise ValueError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4); got {image.shape}")
+        arr = arr[..., :3]
+        if arr.dtype == np.uint8:
+            return arr.astype(np.float64) / 255.0
+        out = arr.astype(np.float64)
+        if out.max() > 1.0 + 1e-6:
+            out = out / 255.0
+        return np.clip(out, 0.0, 1.0)
+    raise TypeError(f"expected a PIL image, a numpy array or a tensor, got {type(image).__name__}")
+
+
+def attribution_to_map(attribution: Any) -> np.ndarray:
+    """One attribution -> a 2-D float array.
+
+    Args:
+        attribution (Tensor or numpy.ndarray): ``(H, W)``, ``(C, H, W)`` (channels are
+            averaged; captum_vit maps are equal in every channel), or a batch of one
+            ``(1, C, H, W)``; a 1-tuple (Captum style) is unpacked.
+
+    Returns:
+        numpy.ndarray: ``(H, W)`` float64 (raw values).
+    """
+    if isinstance(attribution, tuple):
+        if len(attribution) != 1:
+            raise ValueError(f"expected one attribution, got a tuple of {len(attribution)}")
+        attribution = attribution[0]
+    if isinstance(attribution, Tensor):
+        arr = attribution.detach().float().cpu().numpy()
+    elif isinstance(attribution, np.ndarray):
+        arr = attribution
+    else:
+        raise TypeError(f"attribution must be a tensor or an array, got {type(attribution).__name__}")
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim == 4:
+        if arr.shape[0] != 1:
+            raise ValueError(
+                f"expected the attribution of one image, got a batch of {arr.shape[0]}: "
+                "index it, e.g. attr[i]"
+            )
+        arr = arr[0]
+    if arr.ndim == 3:
+        arr = arr.mean(axis=0)
+    if arr.ndim != 2 or arr.size == 0:
+        raise ValueError(f"attribution must be (H, W), (C, H, W) or (1, C, H, W); got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    return arr
+
+
+def normalize_map(
+    values: np.ndarray, method: str = "minmax", percentiles: tuple[float, float] = (1.0, 99.0)
+) -> np.ndarray:
+    """Scale a map to ``[0, 1]`` for display.
+
+    Args:
+        values (numpy.ndarray): the raw map.
+        method (str, optional): ``"minmax"``: ``(v - min) / (max - min)``;
+            ``"percentile"``: clip to the ``percentiles`` first, then min-max (robust to
+            a few extreme patches). A constant map gives all zeros (no error, unlike
+            Captum's ``visualize_image_attr``). Default: "minmax"
+        percentiles (tuple[float, float], optional): lower and upper percentile for
+            ``"percentile"``. Default: (1.0, 99.0)
+
+    Returns:
+        numpy.ndarray: same shape, float64 in ``[0, 1]``.
+    """
+    if method not in _NORMALIZE:
+        raise ValueError(f"normalize must be one of {_NORMALIZE}, got {method!r}")
+    v = np.asarray(values, dtype=np.float64)
+    if method == "percentile":
+        lo_p, hi_p = percentiles
+        if not 0.0 <= lo_p < hi_p <= 100.0:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
+        lo, hi = np.percentile(v, [lo_p, hi_p])
+        v = np.clip(v, lo, hi)
+    lo, hi = float(v.min()), float(v.max())
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        return np.zeros_like(v)
+    return (v - lo) / (hi - lo)
+
+
+def _resize(values: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    if values.shape == size:
+        return values
+    t = torch.from_numpy(values).float()[None, None]
+    kwargs: dict[str, Any] = {} if mode == "nearest" else {"align_corners": False}
+    out = torch.nn.functional.interpolate(t, size=size, mode=mode, **kwargs)
+    return out[0, 0].double().numpy()
+
+
+def _prepared_map(
+    attribution: Any,
+    size: tuple[int, int],
+    *,
+    blur_sigma: float | None,
+    normalize: str,
+    upsample: str,
+) -> np.ndarray:
+    if upsample not in _UPSAMPLE:
+        raise ValueError(f"upsample must be one of {_UPSAMPLE}, got {upsample!r}")
+    if blur_sigma is not None and blur_sigma < 0:
+        raise ValueError(f"blur_sigma must be >= 0, got {blur_sigma}")
+    heat = _resize(attribution_to_map(attribution), size, upsample)
+    if blur_sigma:
+        from scipy.ndimage import gaussian_filter
+
+        heat = gaussian_filter(heat, sigma=float(blur_sigma), mode="nearest")
+    return normalize_map(heat, normalize)
+
+
+def overlay_array(
+    image: Any,
+    attribution: Any,
+    alpha: float = 0.6,
+    blur_sigma: float | None = None,
+    cmap: str = "jet",
+    normalize: str = "minmax",
+    *,
+    upsample: str = "bilinear",
+) -> np.ndarray:
+    """Blend a heat map into an image and return the pixels.
+
+    The map is resized to the image (``upsample``), optionally blurred with a
+    Gaussian of ``blur_sigma`` pixels (as in Toseef 2025), scaled to ``[0, 1]``
+    (``normalize``), coloured with ``cmap`` and blended:
+    ``(1 - alpha)·image + alpha·colour``.
+
+    Args:
+        image (PIL.Image, numpy.ndarray or Tensor): the image the model saw
+            (see :func:`image_to_array`).
+        attribution (Tensor or numpy.ndarray): one map (see
+            :func:`attribution_to_map`).
+        alpha (float, optional): weight of the heat map, in ``[0, 1]``. Default: 0.6
+        blur_sigma (float, optional): Gaussian blur in pixels; None or 0 = none.
+            Default: None
+        cmap (str, optional): a matplotlib colormap name. Default: "jet"
+        normalize (str, optional): ``"minmax"`` or ``"percentile"`` (see
+            :func:`normalize_map`). Default: "minmax"
+        upsample (str, optional): ``"bilinear"``, ``"bicubic"`` or ``"nearest"``
+            (keeps patch edges) when the map is smaller than the image.
+            Default: "bilinear"
+
+    Returns:
+        numpy.ndarray: ``(H, W, 3)`` uint8 at the image's size.
+
+    Example::
+
+        >>> rgb = transform.to_image(x[0])
+        >>> pixels = overlay_array(rgb, AttentionRollout(model).attribute(x)[0])
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = image_to_array(image)
+    heat = _prepared_map(
+        attribution, base.shape[:2], blur_sigma=blur_sigma, normalize=normalize, upsample=upsample
+    )
+    colour = colormaps[cmap](heat)[..., :3]
+    mixed = (1.0 - alpha) * base + alpha * colour
+    return np.asarray(np.round(np.clip(mixed, 0.0, 1.0) * 255), dtype=np.uint8)
+
+
+def overlay(
+    image: Any,
+    attribution: Any,
+    alpha: float = 0.6,
+    blur_sigma: float | None = None,
+    cmap: str = "jet",
+    normalize: str = "minmax",
+    colorbar: bool = True,
+    *,
+    title: str | None = None,
+    upsample: str = "bilinear",
+    ax: Axes | None = None,
+) -> Figure:
+    """Plot an attribution as a heat map over its image.
+
+    Args:
+        image (PIL.Image, numpy.ndarray or Tensor): the image the model saw.
+        attribution (Tensor or numpy.ndarray): one map (input-shaped or patch grid).
+        alpha (float, optional): heat-map weight. Default: 0.6
+        blur_sigma (float, optional): Gaussian blur in pixels. Default: None
+        cmap (str, optional): matplotlib colormap. Default: "jet"
+        normalize (str, optional): ``"minmax"`` or ``"percentile"``. Default: "minmax"
+        colorbar (bool, optional): draw a colour bar whose label gives the raw
+            range of the map. Default: True
+        title (str, optional): axes title. Default: None
+        upsample (str, optional): see :func:`overlay_array`. Default: "bilinear"
+        ax (matplotlib.axes.Axes, optional): draw here instead of a new figure.
+            Default: None
+
+    Returns:
+        matplotlib.figure.Figure: the figure (``ax.figure`` when ``ax`` is given).
+        Nothing is shown; call ``fig.savefig(...)`` or display it in a notebook.
+
+    Example::
+
+        >>> fig = overlay(transform.to_image(x[0]), attr[0], blur_sigma=4)
+        >>> fig.savefig("rollout.png")
+    """
+    pixels = overlay_array(
+        image, attribution, alpha, blur_sigma, cmap, normalize, upsample=upsample
+    )
+    if ax is None:
+        h, w = pixels.shape[:2]
+        fig = Figure(figsize=(4.2 * w / h + (0.8 if colorbar else 0.0), 4.2), layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        root = ax.get_figure(root=True)
+        if not isinstance(root, Figure):
+            raise ValueError("ax is not attached to a figure")
+        fig = root
+    ax.imshow(pixels)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=10)
+    if colorbar:
+        raw = attribution_to_map(attribution)
+        mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormaps[cmap])
+        bar = fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.03)
+        bar.set_label(f"{normalize} scaled (raw {raw.min():.3g} … {raw.max():.3g})", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
+    return fig
