@@ -1,12 +1,13 @@
 """captum_vit: explain Vision Transformers as first-class Captum attributions."""
 
 from ._capture import TokenLayout, UnsupportedModelError, ViTAdapter, adapt
-from .attr import AttentionRollout, GradientRollout, RawAttention, SiftInterrelation
+from .attr import AttentionFlow, AttentionRollout, GradientRollout, RawAttention, SiftInterrelation
 from .interrelation import InterrelationResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionFlow",
     "AttentionRollout",
     "GradientRollout",
     "InterrelationResult",

@@ -1,8 +1,9 @@
 """Attribution methods, one per file, each a Captum ``Attribution`` subclass."""
 
+from .attention_flow import AttentionFlow
 from .attention_rollout import AttentionRollout
 from .gradient_rollout import GradientRollout
 from .raw_attention import RawAttention
 from .sift_interrelation import SiftInterrelation
 
-__all__ = ["AttentionRollout", "GradientRollout", "RawAttention", "SiftInterrelation"]
+__all__ = ["AttentionFlow", "AttentionRollout", "GradientRollout", "RawAttention", "SiftInterrelation"]
