@@ -1,7 +1,14 @@
 """captum_vit: explain Vision Transformers as first-class Captum attributions."""
 
 from ._capture import TokenLayout, UnsupportedModelError, ViTAdapter, adapt
-from .attr import AttentionFlow, AttentionRollout, GradientRollout, RawAttention, SiftInterrelation
+from .attr import (
+    AttentionFlow,
+    AttentionRollout,
+    GradientRollout,
+    PatchOcclusion,
+    RawAttention,
+    SiftInterrelation,
+)
 from .interrelation import InterrelationResult
 
 __version__ = "0.1.0"
@@ -11,6 +18,7 @@ __all__ = [
     "AttentionRollout",
     "GradientRollout",
     "InterrelationResult",
+    "PatchOcclusion",
     "RawAttention",
     "SiftInterrelation",
     "TokenLayout",

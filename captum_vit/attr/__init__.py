@@ -3,7 +3,8 @@
 from .attention_flow import AttentionFlow
 from .attention_rollout import AttentionRollout
 from .gradient_rollout import GradientRollout
+from .patch_occlusion import PatchOcclusion
 from .raw_attention import RawAttention
 from .sift_interrelation import SiftInterrelation
 
-__all__ = ["AttentionFlow", "AttentionRollout", "GradientRollout", "RawAttention", "SiftInterrelation"]
+__all__ = ["AttentionFlow", "AttentionRollout", "GradientRollout", "PatchOcclusion", "RawAttention", "SiftInterrelation"]
