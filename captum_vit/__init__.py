@@ -8,6 +8,7 @@ from .attr import (
     PatchOcclusion,
     RawAttention,
     SiftInterrelation,
+    ViTGradCam,
 )
 from .interrelation import InterrelationResult
 
@@ -24,6 +25,7 @@ __all__ = [
     "TokenLayout",
     "UnsupportedModelError",
     "ViTAdapter",
+    "ViTGradCam",
     "__version__",
     "adapt",
 ]

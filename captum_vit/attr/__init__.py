@@ -2,9 +2,10 @@
 
 from .attention_flow import AttentionFlow
 from .attention_rollout import AttentionRollout
+from .grad_cam import ViTGradCam
 from .gradient_rollout import GradientRollout
 from .patch_occlusion import PatchOcclusion
 from .raw_attention import RawAttention
 from .sift_interrelation import SiftInterrelation
 
-__all__ = ["AttentionFlow", "AttentionRollout", "GradientRollout", "PatchOcclusion", "RawAttention", "SiftInterrelation"]
+__all__ = ["AttentionFlow", "AttentionRollout", "GradientRollout", "PatchOcclusion", "RawAttention", "SiftInterrelation", "ViTGradCam"]
