@@ -105,7 +105,7 @@ def _build_chefer(model: Any, transform: Any, opts: argparse.Namespace) -> Expla
 
 def _build_occlusion(model: Any, transform: Any, opts: argparse.Namespace) -> Explain:
     try:
-        from .attr import PatchOcclusion  # type: ignore[attr-defined]
+        from .attr import PatchOcclusion
     except ImportError as err:
         raise RuntimeError("method 'occlusion' (PatchOcclusion) is not available in this install") from err
 
@@ -114,6 +114,7 @@ def _build_occlusion(model: Any, transform: Any, opts: argparse.Namespace) -> Ex
         x,
         target=t,
         window=opts.window,
+        stride=opts.stride,
         perturbations_per_eval=opts.perturbations_per_eval,
         show_progress=opts.progress,
         return_patch_grid=True,
@@ -233,7 +234,7 @@ def _explainers(
     return {name: METHODS[name].build(model, transform, opts) for name in names}
 
 
-def _add_method_options(p: argparse.ArgumentParser) -> None:
+def _add_method_options(p: argparse.ArgumentParser, *, window: int = 1, stride: int | None = None) -> None:
     g = p.add_argument_group("method options")
     g.add_argument(
         "--head-fusion", choices=_HEAD_FUSIONS, default="mean",
@@ -244,7 +245,11 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
         "--discard-ratio", type=float, default=0.0,
         help="fraction of smallest attention entries dropped per layer, rollout and grad-rollout (default: 0)",
     )
-    g.add_argument("--window", type=int, default=1, help="occlusion window in patches (default: 1)")
+    g.add_argument("--window", type=int, default=window, help=f"occlusion window in patches (default: {window})")
+    g.add_argument(
+        "--stride", type=int, default=stride,
+        help=f"occlusion stride in patches (default: {stride or 1})",
+    )
     g.add_argument(
         "--perturbations-per-eval", type=int, default=32,
         help="occluded copies per forward pass for occlusion (default: 32)",
@@ -269,6 +274,10 @@ def _add_plot_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, default=0.6, help="heat-map opacity in [0, 1] (default: 0.6)")
     g.add_argument("--blur-sigma", type=float, default=None, help="Gaussian blur of the map in pixels (default: none)")
     g.add_argument("--cmap", default="jet", help="matplotlib colormap (default: jet)")
+    g.add_argument(
+        "--normalize", choices=("minmax", "percentile"), default="minmax",
+        help="how maps are scaled for display; percentile clips to the 1st-99th percentile (default: minmax)",
+    )
 
 
 def _validate_common(opts: argparse.Namespace) -> None:
@@ -280,8 +289,8 @@ def _validate_common(opts: argparse.Namespace) -> None:
         raise CliUsageError(f"--blur-sigma must be >= 0, got {opts.blur_sigma}")
     if not 0.0 <= opts.discard_ratio < 1.0:
         raise CliUsageError(f"--discard-ratio must be in [0, 1), got {opts.discard_ratio}")
-    if opts.window < 1 or opts.perturbations_per_eval < 1:
-        raise CliUsageError("--window and --perturbations-per-eval must be >= 1")
+    if opts.window < 1 or opts.perturbations_per_eval < 1 or (opts.stride is not None and opts.stride < 1):
+        raise CliUsageError("--window, --stride and --perturbations-per-eval must be >= 1")
     if not opts.gamma > 0:
         raise CliUsageError(f"--gamma must be > 0, got {opts.gamma}")
     from matplotlib import colormaps
@@ -362,7 +371,7 @@ def _cmd_explain(opts: argparse.Namespace) -> int:
                     title = f"{spec.title}: {label}" if spec.class_specific else f"{spec.title} (prediction: {label})"
                     fig = overlay(
                         transform.to_image(x[i]), maps[i], alpha=opts.alpha,
-                        blur_sigma=opts.blur_sigma, cmap=opts.cmap, title=title,
+                        blur_sigma=opts.blur_sigma, cmap=opts.cmap, normalize=opts.normalize, title=title,
                     )
                     _figure_png(fig, png)
                     records.append(
@@ -440,7 +449,7 @@ def _cmd_demo(opts: argparse.Namespace) -> int:
         axes[0].imshow(rgb)
         axes[0].set_title("input", fontsize=10)
         for ax, name in zip(axes[1:], methods, strict=True):
-            ax.imshow(overlay_array(rgb, maps[name][i], opts.alpha, opts.blur_sigma, opts.cmap))
+            ax.imshow(overlay_array(rgb, maps[name][i], opts.alpha, opts.blur_sigma, opts.cmap, opts.normalize))
             ax.set_title(METHODS[name].title, fontsize=10)
         for ax in axes:
             ax.set_axis_off()
@@ -449,7 +458,7 @@ def _cmd_demo(opts: argparse.Namespace) -> int:
         methods_png = _figure_png(fig, out / f"{img_name}_methods.png")
         layers_png = _figure_png(
             layer_grid(rgb, layer_maps[i], layers=sorted({0, max(layer_maps.shape[1] // 2 - 1, 0), layer_maps.shape[1] - 1}),
-                       alpha=opts.alpha, blur_sigma=opts.blur_sigma, cmap=opts.cmap),
+                       alpha=opts.alpha, blur_sigma=opts.blur_sigma, cmap=opts.cmap, normalize=opts.normalize),
             out / f"{img_name}_layers.png",
         )
         top = probs[i].topk(min(5, len(names)))
@@ -538,7 +547,7 @@ def _cmd_analyze(opts: argparse.Namespace) -> int:
                 fig = overlay(
                     transform.to_image(x[i]), torch.nan_to_num(scores, nan=0.0)[None],
                     alpha=opts.alpha, blur_sigma=opts.blur_sigma, cmap=opts.cmap,
-                    title=f"{path.name}: SIFT patch scores",
+                    normalize=opts.normalize, title=f"{path.name}: SIFT patch scores",
                 )
                 _figure_png(fig, out / f"{stem}_sift_scores.png")
             per_image.append(
@@ -645,9 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", nargs="+", default=list(_DEMO_IMAGES), metavar="NAME", help=f"subset of {', '.join(_DEMO_IMAGES)}")
     demo.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD", help="subset of the methods (default: all)")
     _add_model_options(demo)
-    _add_method_options(demo)
+    _add_method_options(demo, window=2, stride=2)
     _add_plot_options(demo)
-    demo.set_defaults(func=_cmd_demo, window=2, perturbations_per_eval=64)
+    demo.set_defaults(func=_cmd_demo)
 
     an = sub.add_parser(
         "analyze", help="SIFT patch-interrelation report (Wu et al.) over a set of images",
@@ -661,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--no-overlays", dest="overlays", action="store_false", help="skip the per-image patch-score overlays")
     _add_model_options(an)
     _add_plot_options(an)
-    an.set_defaults(func=_cmd_analyze, discard_ratio=0.0, window=1, perturbations_per_eval=1)
+    an.set_defaults(func=_cmd_analyze, discard_ratio=0.0, window=1, stride=None, perturbations_per_eval=1)
 
     sub.add_parser(
         "bench", help="run the benchmark suite (options: captum-vit bench --help)", add_help=False,
