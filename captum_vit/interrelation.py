@@ -13,7 +13,7 @@ Mask-as-Prompt sweep: accuracy when the patches with the highest / lowest patch 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -414,6 +414,7 @@ def aggregate_interrelation(
     *,
     max_batches: int | None = None,
     show_progress: bool = True,
+    on_batch: Callable[[Tensor, Tensor | None, InterrelationResult], None] | None = None,
 ) -> InterrelationSummary:
     r"""Stream a dataset through :meth:`SiftInterrelation.analyze`, keeping only sums.
 
@@ -429,6 +430,10 @@ def aggregate_interrelation(
             ``explainer.unnormalize``-inverted images.
         max_batches (int, optional): stop after this many batches. Default: None
         show_progress (bool, optional): show a progress bar. Default: True
+        on_batch (Callable, optional): called as ``on_batch(inputs, labels, result)``
+            after each batch (``labels`` is None when the loader yields none), e.g.
+            to run :func:`mask_as_prompt` on ``result.patch_scores`` without a second
+            analysis. Default: None
 
     Returns:
         InterrelationSummary: per-head means ``(L, heads)``, per-layer curves,
@@ -454,8 +459,10 @@ def aggregate_interrelation(
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break
-            x, _ = _split_batch(batch)
+            x, labels = _split_batch(batch)
             res = explainer.analyze(x)
+            if on_batch is not None:
+                on_batch(x, labels, res)
             stack = torch.stack([res.kk, res.nk, res.focus_index]).double()  # (3, B, L, H)
             valid = ~torch.isnan(stack)
             s = torch.nan_to_num(stack, nan=0.0).sum(1)
