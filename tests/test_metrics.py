@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,3 +267,39 @@ def test_metric_errors() -> None:
         perturbation_curve(model, x, torch.rand(2, 1, 10, 10))
     with pytest.raises(ValueError, match="metric"):
         perturbation_curve(model, x, torch.rand(1, 1, 10, 10), metric="loss")
+
+
+# ---------------------------------------------------------------------- Mask R-CNN helper
+def test_maskrcnn_foreground_masks_shapes_on_random_weights(tmp_path: Path) -> None:
+    """Output shapes only (random local weights; no COCO checkpoint is downloaded)."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from captum_vit._maskrcnn import foreground_masks, load_maskrcnn
+
+    torch.manual_seed(0)
+    # torchvision's Mask R-CNN with a tiny random backbone (ResNet-50 would take 20 s to
+    # initialise); foreground_masks only relies on the detector's output format.
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU())
+    backbone.out_channels = 8  # type: ignore[assignment]
+    detector = MaskRCNN(
+        backbone, num_classes=3, min_size=64, max_size=64, box_score_thresh=0.0,
+        box_detections_per_img=5,
+        rpn_anchor_generator=AnchorGenerator(((16, 32),), ((0.5, 1.0, 2.0),)),
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
+        mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
+    ).eval()
+    images = torch.rand(2, 3, 48, 64)
+    fg = foreground_masks(detector, images, score_threshold=0.0)
+    assert fg.shape == (2, 48, 64) and fg.dtype == torch.bool
+    none = foreground_masks(detector, images, score_threshold=1.0)
+    assert not none.any()
+    faf, _ = foreground_fraction(torch.rand(2, 1, 3, 4), fg | True)
+    assert torch.allclose(faf, torch.ones(2))
+    with pytest.raises(ValueError, match="different sizes"):
+        foreground_masks(detector, [images[0], images[1, :, :32]])
+    with pytest.raises(ValueError, match="eval mode"):
+        foreground_masks(detector.train(), images)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_maskrcnn(tmp_path / "missing.pth")
