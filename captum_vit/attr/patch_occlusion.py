@@ -17,7 +17,12 @@ __all__ = ["PatchOcclusion"]
 
 
 def _window_pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
-    items = (value, value) if isinstance(value, int) else tuple(value)
+    if isinstance(value, int):
+        items: tuple[Any, ...] = (value, value)
+    elif isinstance(value, (tuple, list)):
+        items = tuple(value)
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if len(items) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if items[0] < 1 or items[1] < 1:
