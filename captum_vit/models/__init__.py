@@ -133,6 +133,14 @@ def _apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: 
         k: v.to(target[k].dtype) if k in target and v.is_floating_point() else v
         for k, v in state.items()
     }
+    mismatched = [k for k, v in converted.items() if k in target and v.shape != target[k].shape]
+    if mismatched:
+        k = mismatched[0]
+        raise ValueError(
+            f"the weights in {source} do not fit {type(model).__name__}: {len(mismatched)} "
+            f"tensor(s) have other shapes, e.g. {k}: {tuple(converted[k].shape)} in the file, "
+            f"{tuple(target[k].shape)} in the model"
+        )
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if missing or unexpected:
         raise ValueError(
