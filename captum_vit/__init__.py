@@ -10,6 +10,7 @@ from .attr import (
     SiftInterrelation,
     ViTGradCam,
 )
+from .heads import RegionProbe, ablate_heads, head_importance, region_probe
 from .interrelation import InterrelationResult
 
 __version__ = "0.1.0"
@@ -21,11 +22,15 @@ __all__ = [
     "InterrelationResult",
     "PatchOcclusion",
     "RawAttention",
+    "RegionProbe",
     "SiftInterrelation",
     "TokenLayout",
     "UnsupportedModelError",
     "ViTAdapter",
     "ViTGradCam",
     "__version__",
+    "ablate_heads",
     "adapt",
+    "head_importance",
+    "region_probe",
 ]
