@@ -627,6 +627,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--replacement", default="zero", choices=("zero", "mean", "drop"), help="token removal in the perturbation test")
     p.add_argument("--metric", default="accuracy", choices=("accuracy", "probability"))
     p.add_argument("--occlusion-window", type=int, default=2)
+    p.add_argument("--occlusion-stride", type=int, default=None, help="default: the window (non-overlapping windows)")
     p.add_argument("--occlusion-replacement", default="drop", choices=("zero", "mean", "drop"))
     p.add_argument("--nproc", type=int, default=1, help="processes (torch.distributed, gloo/nccl on 127.0.0.1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
@@ -660,6 +661,7 @@ def _eval_worker(rank: int, world: int, port: int, args: argparse.Namespace, res
         methods = args.methods.split(",") if args.methods else None
         options = {
             "occlusion_window": args.occlusion_window,
+            "occlusion_stride": args.occlusion_stride or args.occlusion_window,
             "occlusion_replacement": args.occlusion_replacement,
         }
         common: dict[str, Any] = dict(
