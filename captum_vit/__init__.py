@@ -12,6 +12,7 @@ from .attr import (
 )
 from .heads import RegionProbe, ablate_heads, head_importance, region_probe
 from .interrelation import InterrelationResult
+from .robustness import MaskingSweepResult, compare_pooling, masking_sweep
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "AttentionRollout",
     "GradientRollout",
     "InterrelationResult",
+    "MaskingSweepResult",
     "PatchOcclusion",
     "RawAttention",
     "RegionProbe",
@@ -31,6 +33,8 @@ __all__ = [
     "__version__",
     "ablate_heads",
     "adapt",
+    "compare_pooling",
     "head_importance",
+    "masking_sweep",
     "region_probe",
 ]
