@@ -590,17 +590,35 @@ def _cmd_analyze(opts: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- bench
 def _cmd_bench(argv: Sequence[str]) -> int:
     try:
-        from .evaluation import bench_main  # type: ignore[attr-defined]
+        from .evaluation import bench_main
     except ImportError as err:
         print(f"captum-vit bench: the evaluation suite is not available ({err})", file=sys.stderr)
         return EXIT_FAILURE
-    result = bench_main(list(argv))
+    try:
+        result = bench_main(list(argv))
+    except SystemExit as exc:  # argparse errors (2), --help (0), explicit messages
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        print(f"captum-vit bench: error: {exc.code}", file=sys.stderr)
+        return EXIT_USAGE
+    except FileNotFoundError as err:
+        print(f"captum-vit bench: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("captum-vit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get("CAPTUM_VIT_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"captum-vit bench: failed: {err.__class__.__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     return int(result or 0)
 
 
 # ---------------------------------------------------------------------------- parser
 _EPILOG = """exit codes: 0 success, 1 runtime failure, 2 usage error or bad input
-(missing or unreadable image, unknown method, target out of range, unknown model),
+(missing or unreadable image, unknown method, target out of range, unknown or
+unsupported model),
 130 interrupted. Set CAPTUM_VIT_DEBUG=1 to see tracebacks."""
 
 
@@ -703,10 +721,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: 0 for --help/--version, 2 for usage errors
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     debug = os.environ.get("CAPTUM_VIT_DEBUG", "") not in ("", "0")
+    from ._capture import UnsupportedModelError
+
     try:
         return int(opts.func(opts))
     except CliUsageError as err:
         print(f"captum-vit {opts.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnsupportedModelError as err:
+        print(f"captum-vit {opts.command}: error: unsupported model: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("captum-vit: interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ Hugging Face checkpoints.
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from os import PathLike
 from pathlib import Path
@@ -73,10 +74,15 @@ def imagenet_class_names(subset: str = "imagenet-1k") -> list[str]:
     Returns:
         list[str]: one description per class (comma-separated synonyms).
     """
+    return list(_class_names(subset))
+
+
+@functools.lru_cache(maxsize=4)
+def _class_names(subset: str) -> tuple[str, ...]:
     from timm.data import ImageNetInfo
 
     info = ImageNetInfo(subset)
-    return [str(info.index_to_description(i)) for i in range(info.num_classes())]
+    return tuple(str(info.index_to_description(i)) for i in range(info.num_classes()))
 
 
 def load_state_dict(path: str | PathLike[str]) -> dict[str, torch.Tensor]:
