@@ -31,6 +31,7 @@ from torch import Tensor, nn
 __all__ = [
     "AttentionRecorder",
     "Pooling",
+    "StopForward",
     "TokenLayout",
     "UnsupportedModelError",
     "ViTAdapter",
@@ -81,6 +82,15 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (items[0], items[1])
 
 
+class StopForward(BaseException):
+    """Raised by a capture hook to end the forward pass once ``stop_after`` has run.
+
+    Derives from ``BaseException`` so that ``except Exception`` blocks inside a
+    model's forward do not swallow it; whoever passes ``stop_after`` to
+    :meth:`ViTAdapter.capture` catches it around the forward call.
+    """
+
+
 class AttentionRecorder:
     """Receives each layer's attention probabilities during a captured forward pass.
 
@@ -90,6 +100,7 @@ class AttentionRecorder:
             to the autograd graph when grad is enabled), or ``None`` when
             ``keep=False`` or the layer did not run.
         num_tokens (int | None): ``N`` of the last recorded layer.
+        seen (set[int]): the layers recorded so far.
     """
 
     def __init__(
@@ -99,21 +110,27 @@ class AttentionRecorder:
         keep: bool = True,
         on_attention: Callable[[int, Tensor], None] | None = None,
         validate: bool = True,
+        stop_after: int | None = None,
     ) -> None:
         self.attentions: list[Tensor | None] = [None] * num_layers
         self.num_tokens: int | None = None
+        self.seen: set[int] = set()
         self._keep = keep
         self._on_attention = on_attention
         self._validate = validate
+        self._stop_after = stop_after
 
     def record(self, layer: int, attn: Tensor, *, check_rows: bool) -> None:
         if self._validate:
             _validate_attention(layer, attn, check_rows=check_rows)
         self.num_tokens = int(attn.shape[-1])
+        self.seen.add(layer)
         if self._keep:
             self.attentions[layer] = attn
         if self._on_attention is not None:
             self._on_attention(layer, attn)
+        if self._stop_after is not None and layer == self._stop_after:
+            raise StopForward
 
     def kept(self) -> list[Tensor]:
         """The recorded attention of every layer; raises if a layer did not run."""
@@ -317,6 +334,7 @@ class ViTAdapter:
         keep: bool = True,
         on_attention: Callable[[int, Tensor], None] | None = None,
         validate: bool = True,
+        stop_after: int | None = None,
     ) -> Iterator[AttentionRecorder]:
         """Record every layer's attention probabilities while the model runs.
 
@@ -328,6 +346,10 @@ class ViTAdapter:
                 without holding every layer. Default: None
             validate (bool, optional): check shape and row sums (rows sum to 1 when
                 the model is in eval mode). Default: True
+            stop_after (int, optional): raise :class:`StopForward` right after this
+                layer's attention is recorded, ending the forward pass early (for
+                methods that need no output scores); the caller catches it.
+                Default: None
 
         Yields:
             AttentionRecorder: filled during forward passes inside the block.
@@ -339,7 +361,11 @@ class ViTAdapter:
             >>> rec.attentions[0].shape   # (B, heads, N, N)
         """
         recorder = AttentionRecorder(
-            self.num_layers, keep=keep, on_attention=on_attention, validate=validate
+            self.num_layers,
+            keep=keep,
+            on_attention=on_attention,
+            validate=validate,
+            stop_after=stop_after,
         )
         with contextlib.ExitStack() as stack:
             if self._capture_kind == "timm":

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._capture import TokenLayout, ViTAdapter
+from .._capture import StopForward, TokenLayout, ViTAdapter
 
 __all__: list[str] = []
 
@@ -140,3 +140,37 @@ def _run_captured(
     if keep:
         rec.kept()
     return scores, rec.attentions, adapter.layout(inputs, rec.num_tokens)
+
+
+def _run_attention_only(
+    adapter: ViTAdapter,
+    inputs: Tensor,
+    args: tuple[Any, ...],
+    *,
+    on_attention: Any,
+    first_layer: int = 0,
+    last_layer: int = -1,
+) -> TokenLayout:
+    """A no-grad forward pass that stops right after ``last_layer``'s attention.
+
+    For methods that need attention but no output scores (raw attention, rollout):
+    the blocks after ``last_layer`` and the head are not run, which leaves the
+    recorded attention identical. Raises if a layer in ``first_layer..last_layer``
+    did not run. Returns the token layout.
+    """
+    adapter.check_inputs(inputs)
+    last = last_layer % adapter.num_layers
+    with torch.no_grad(), adapter.capture(
+        keep=False, on_attention=on_attention, stop_after=last
+    ) as rec:
+        try:
+            adapter.forward(inputs, *args)
+        except StopForward:
+            pass
+    missing = [i for i in range(first_layer, last + 1) if i not in rec.seen]
+    if rec.num_tokens is None or missing:
+        raise RuntimeError(
+            f"no attention was captured for layer(s) {missing or list(range(last + 1))}: the "
+            "adapter's attention modules are not used by the model's forward"
+        )
+    return adapter.layout(inputs, rec.num_tokens)

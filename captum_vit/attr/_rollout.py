@@ -5,6 +5,8 @@ All arithmetic is float32 whatever the model's dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -26,21 +28,21 @@ def fuse_heads(attn: Tensor, head_fusion: str) -> Tensor:
 def discard_smallest(fused: Tensor, ratio: float, protected: Tensor) -> Tensor:
     """Zero the ``ratio`` fraction of smallest entries of each sample's ``(N, N)`` map.
 
-    ``k = floor(ratio * N * N)`` entries are zeroed per sample; the diagonal entries
-    of the ``protected`` rows (the query rows) are never chosen. Returns a new tensor.
+    ``k = floor(ratio * N * N)`` entries are zeroed per sample (the product is
+    rounded to 9 decimals first, so that e.g. ``0.29 * 100`` gives 29, not 28); the
+    diagonal entries of the ``protected`` rows (the query rows) are never chosen.
+    Among equal values the choice is topk's. Returns a new tensor.
     """
     if ratio <= 0:
         return fused
     b, n, _ = fused.shape
-    flat = fused.reshape(b, n * n).clone()
-    k = min(int(ratio * n * n), n * n - protected.numel())
+    k = min(math.floor(round(ratio * n * n, 9)), n * n - protected.numel())
     if k <= 0:
         return fused
-    keyed = flat.clone()
+    keyed = fused.reshape(b, n * n).clone()
     keyed[:, protected * n + protected] = float("inf")
     idx = keyed.topk(k, dim=1, largest=False).indices
-    flat.scatter_(1, idx, 0.0)
-    return flat.reshape(b, n, n)
+    return fused.reshape(b, n * n).scatter(1, idx, 0.0).reshape(b, n, n)
 
 
 def residual_normalize(fused: Tensor, residual_weight: float) -> Tensor:

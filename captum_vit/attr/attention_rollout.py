@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from captum.attr import Attribution
 from torch import Tensor, nn
 
@@ -18,7 +17,7 @@ from ._common import (
     _forward_args,
     _query_indices,
     _query_rows,
-    _run_captured,
+    _run_attention_only,
     _unpack_inputs,
 )
 from ._rollout import RolloutProduct, check_rollout_args
@@ -100,11 +99,13 @@ class AttentionRollout(Attribution):
                 )
             state["product"].update(attn.detach())
 
-        with torch.no_grad():
-            _, _, layout = _run_captured(
-                adapter, x, _forward_args(additional_forward_args), keep=False,
-                on_attention=on_attention,
-            )
+        layout = _run_attention_only(
+            adapter,
+            x,
+            _forward_args(additional_forward_args),
+            on_attention=on_attention,
+            first_layer=self.start_layer,
+        )
         result = state["product"].result
         assert result is not None
         return result, layout

@@ -17,7 +17,7 @@ from ._common import (
     _format_output,
     _forward_args,
     _query_rows,
-    _run_captured,
+    _run_attention_only,
     _unpack_inputs,
 )
 from ._rollout import fuse_heads
@@ -99,11 +99,14 @@ class RawAttention(Attribution):
             if layer == self.layer:
                 kept["fused"] = fuse_heads(attn.detach(), self.head_fusion)
 
-        with torch.no_grad():
-            _, _, layout = _run_captured(
-                self.adapter, x, _forward_args(additional_forward_args), keep=False,
-                on_attention=on_attention,
-            )
+        layout = _run_attention_only(
+            self.adapter,
+            x,
+            _forward_args(additional_forward_args),
+            on_attention=on_attention,
+            first_layer=self.layer,
+            last_layer=self.layer,
+        )
         maps = _query_rows(kept["fused"], self.adapter, layout)
         return _format_output(maps, x, return_patch_grid=return_patch_grid, as_tuple=as_tuple)
 
@@ -119,9 +122,14 @@ class RawAttention(Attribution):
             Tensor: ``(B, L, heads, gh, gw)`` float32.
         """
         x, _ = _unpack_inputs(inputs)
-        with torch.no_grad():
-            _, attns, layout = _run_captured(
-                self.adapter, x, _forward_args(additional_forward_args), keep=True
-            )
-            per_layer = [_query_rows(a.detach(), self.adapter, layout) for a in attns if a is not None]
-        return torch.stack(per_layer, dim=1)
+        per_layer: dict[int, Tensor] = {}
+
+        def on_attention(layer: int, attn: Tensor) -> None:
+            # Reduce each layer to its query rows at once: one layer alive at a time.
+            layout = self.adapter.layout(x, int(attn.shape[-1]))
+            per_layer[layer] = _query_rows(attn.detach(), self.adapter, layout)
+
+        _run_attention_only(
+            self.adapter, x, _forward_args(additional_forward_args), on_attention=on_attention
+        )
+        return torch.stack([per_layer[i] for i in range(self.adapter.num_layers)], dim=1)
