@@ -228,3 +228,27 @@ def test_bad_inputs() -> None:
     no_proj.out_projections = None
     with pytest.raises(ValueError, match="out_projections"):
         head_importance(model, x, adapter=no_proj)
+
+
+def test_plots_return_figures() -> None:
+    from matplotlib.figure import Figure
+
+    from captum_vit.viz import plot_head_bars, plot_head_importance, plot_region_probe
+
+    scores = torch.tensor([[0.5, -0.2, 0.1], [0.0, 0.3, -0.4]])
+    fig = plot_head_importance(scores.unsqueeze(0))
+    assert isinstance(fig, Figure)
+    image = fig.axes[0].images[0].get_array()
+    assert image.shape == (3, 2)  # heads x layers
+    assert isinstance(plot_head_bars(scores, layer=-1), Figure)
+    bars = plot_head_bars(scores, top_k=4)
+    assert [t.get_text() for t in bars.axes[0].get_xticklabels()] == ["L0h0", "L1h1", "L0h2", "L1h0"]
+    with pytest.raises(ValueError, match="layers, heads"):
+        plot_head_importance(torch.zeros(4))
+    with pytest.raises(ValueError, match="out of range"):
+        plot_head_bars(scores, layer=2)
+    model, size = _model("hf_vit")
+    x = torch.rand(1, 3, size, size)
+    probe = region_probe(model, x, torch.eye(4, dtype=torch.bool))
+    assert isinstance(plot_region_probe(probe, image=x[0]), Figure)
+    assert isinstance(plot_region_probe(probe), Figure)

@@ -1,6 +1,7 @@
 """Plots for captum_vit results. Every function returns a matplotlib ``Figure`` (or
 draws on a given ``Axes``) and never calls ``plt.show()``."""
 
+from .heads import plot_head_bars, plot_head_importance, plot_region_probe
 from .interrelation import plot_interrelation
 from .layers import (
     layer_grid,
@@ -20,7 +21,10 @@ __all__: list[str] = [
     "normalize_map",
     "overlay",
     "overlay_array",
+    "plot_head_bars",
+    "plot_head_importance",
     "plot_interrelation",
     "plot_most_focused",
+    "plot_region_probe",
     "rollout_statistics",
 ]
