@@ -84,10 +84,14 @@ def _peer_entries(model: nn.Module, x: Tensor, target: int, wanted: set[str] | N
                 return p.reshape(p.shape[0], side, side, p.shape[2]).permute(0, 3, 1, 2)
 
             blocks: Any = model.blocks
-            cam = GradCAM(model=model, target_layers=[blocks[-1].norm1], reshape_transform=reshape)
             targets = [ClassifierOutputTarget(target)] * x.shape[0]
-            entries.append(_Entry("grad-cam GradCAM (reshape_transform)", "peer",
-                                  lambda: cam(input_tensor=x, targets=targets), "vit_gradcam"))
+
+            def run_gradcam() -> Any:
+                # hooks are released on exit: they must not slow down the other entries
+                with GradCAM(model=model, target_layers=[blocks[-1].norm1], reshape_transform=reshape) as cam:
+                    return cam(input_tensor=x, targets=targets)
+
+            entries.append(_Entry("grad-cam GradCAM (reshape_transform)", "peer", run_gradcam, "vit_gradcam"))
         except Exception as exc:
             skipped.append(f"grad-cam: {type(exc).__name__}: {exc}")
     if want("torchxai-explain"):
@@ -109,10 +113,10 @@ def _peer_entries(model: nn.Module, x: Tensor, target: int, wanted: set[str] | N
         try:
             from daam import DAAM
 
-            daam = DAAM(model)
-
             def run_daam() -> Tensor:
-                return daam(x, target=target).maps[:, -1]
+                # DAAM keeps fused attention off and its hooks on until closed
+                with DAAM(model) as daam:
+                    return daam(x, target=target).maps[:, -1]
 
             entries.append(_Entry("daam-timm-vit DAAM", "peer", run_daam, "grad_rollout_chefer"))
         except Exception as exc:
