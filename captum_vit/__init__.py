@@ -1,5 +1,6 @@
 """captum_vit: explain Vision Transformers as first-class Captum attributions."""
 
+from . import metrics as metrics  # captum_vit.metrics after `import captum_vit`
 from ._capture import TokenLayout, UnsupportedModelError, ViTAdapter, adapt
 from .attr import (
     AttentionFlow,
