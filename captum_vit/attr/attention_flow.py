@@ -90,7 +90,8 @@ class AttentionFlow(Attribution):
     many patches saturate near the query's capacity, giving flatter maps with less
     contrast than rollout. Abnar & Zuidema report flow correlating better with
     input-gradient and ablation importance. Not class-specific: ``target`` is
-    ignored. Values are raw flows in ``[0, 1]``.
+    ignored. Values are raw flows in ``[0, 1]``; the published code divides each
+    image's flows by their sum (``map / map.sum()`` reproduces that).
 
     Args:
         model (nn.Module): a ViT supported by :func:`captum_vit.adapt`.
