@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ._compat import progress
+from ._sift import keypoint_counts, unnormalize_inputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from .attr.sift_interrelation import SiftInterrelation
@@ -33,7 +34,9 @@ __all__ = [
     "aggregate_interrelation",
     "detect_stages",
     "interrelation_stats",
+    "keypoint_counts",
     "mask_as_prompt",
+    "unnormalize_inputs",
 ]
 
 #: Relative slack on the detection line so that a row equal to its own mean (e.g. a
@@ -63,8 +66,9 @@ def interrelation_stats(
       renormalising to sum 1. A constant row (max = min) is taken as the uniform
       distribution, entropy ``log P``. Lower = more focused; range ``[0, log P]``.
 
-    Computed as two batched matrix products and a few elementwise passes over
-    ``alpha`` in float32 (no float64, no loop over patches or heads).
+    Computed with one batched matrix product and a few elementwise passes over
+    ``alpha`` in float32 through one reused work buffer (no float64, no loop over
+    patches or heads).
 
     Args:
         alpha (Tensor): ``(B, *dims, P, P)`` attention, any leading dims after the
@@ -95,18 +99,18 @@ def interrelation_stats(
     if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not gamma > 0:
         raise ValueError(f"gamma must be a positive number, got {gamma!r}")
     a = alpha if alpha.dtype == torch.float32 else alpha.float()
-    extra = a.ndim - 3
-    bshape = (b,) + (1,) * extra
+    lead = a.shape[:-1]  # (B, *dims, P): one entry per start patch
+    bshape = (b,) + (1,) * (a.ndim - 3)
     t = keypoint_counts.to(device=a.device, dtype=torch.float32)
     has_kp = t > 0
-    # weights: numerator counts t_j, denominator t_j (keypoint) or 1 (no keypoint)
+    # numerator weights t_j; denominator weights t_j (keypoint patch) or 1 (none)
     weights = torch.stack([t, torch.where(has_kp, t, torch.ones_like(t))], dim=-1)  # (B,P,2)
-    weights = weights.reshape(*bshape, p, 2)
 
-    line = a.mean(dim=-1, keepdim=True).mul_(gamma * (1.0 - _LINE_RTOL))
-    attended = (a >= line).to(torch.float32)  # (B, *dims, P, P)
-    nd = attended @ weights  # (B, *dims, P, 2)
-    del attended
+    # one float32 work buffer of alpha's size, reused: attended set, then min-shifted rows
+    buf = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    mean = a.mean(dim=-1, keepdim=True)
+    torch.ge(a, mean * (gamma * (1.0 - _LINE_RTOL)), out=buf)  # S_i as 0/1
+    nd = torch.bmm(buf.view(b, -1, p), weights).view(*lead, 2)
     num, den = nd[..., 0], nd[..., 1]
     theta = torch.where(den > 0, num / den.clamp_min(1.0), torch.full_like(num, math.nan))
 
@@ -118,14 +122,15 @@ def interrelation_stats(
     kk = (th0 * in_k).sum(-1) / in_k.sum(-1)  # 0/0 -> NaN for an empty group
     nk = (th0 * in_n).sum(-1) / in_n.sum(-1)
 
-    lo = a.amin(dim=-1, keepdim=True)
-    rng = a.amax(dim=-1, keepdim=True) - lo
-    scaled = (a - lo).div_(rng.clamp_min(torch.finfo(torch.float32).tiny))
-    z = scaled.sum(-1)
-    slogs = torch.special.xlogy(scaled, scaled).sum(-1)
-    del scaled
-    ent = torch.log(z.clamp_min(1.0)) - slogs / z.clamp_min(1.0)
-    ent = torch.where(rng.squeeze(-1) > 0, ent, torch.full_like(ent, math.log(p)))
+    # Entropy of q = d / D with d = α_i - min α_i, D = Σ d: min-max scaling divides d by
+    # (max - min), which cancels in q, so H = log D - Σ d log d / D.
+    torch.sub(a, a.amin(dim=-1, keepdim=True), out=buf)
+    total = buf.sum(-1)
+    torch.special.xlogy(buf, buf, out=buf)
+    slogs = buf.sum(-1)
+    del buf
+    safe = total.clamp_min(torch.finfo(torch.float32).tiny)
+    ent = torch.where(total > 0, torch.log(safe) - slogs / safe, torch.full_like(total, math.log(p)))
     focus = ent.mean(-1)
     return theta, kk, nk, focus
 
