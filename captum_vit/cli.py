@@ -601,7 +601,7 @@ def _cmd_bench(argv: Sequence[str]) -> int:
             return int(exc.code or 0)
         print(f"captum-vit bench: error: {exc.code}", file=sys.stderr)
         return EXIT_USAGE
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # bad paths or options of the suite
         print(f"captum-vit bench: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
