@@ -189,3 +189,28 @@ def test_rollout_statistics_known_answer() -> None:
         rollout_statistics(np.zeros((1, 2)))
     with pytest.raises(ValueError, match="batched"):
         rollout_statistics(torch.zeros(3))
+
+
+def test_plot_masking_sweep_draws_actual_ratios() -> None:
+    from captum_vit import MaskingSweepResult
+    from captum_vit.viz import plot_masking_sweep
+
+    result = MaskingSweepResult(
+        strategies=["random", "center"],
+        ratios=[0.3, 0.6],
+        actual_ratio=torch.tensor([[0.3, 0.6], [0.25, 0.5625]]),
+        agreement=torch.tensor([[0.9, 0.5], [0.8, 0.4]]),
+        accuracy=None,
+        clean_accuracy=None,
+        num_images=4,
+        replacement="zero",
+    )
+    fig = plot_masking_sweep(result)
+    lines = fig.axes[0].get_lines()
+    assert [ln.get_label() for ln in lines] == ["random", "center"]
+    np.testing.assert_allclose(lines[1].get_xdata(), [0.25, 0.5625])
+    np.testing.assert_allclose(lines[1].get_ydata(), [0.8, 0.4])
+    with pytest.raises(ValueError, match="labels"):
+        plot_masking_sweep(result, "accuracy")
+    with pytest.raises(ValueError, match="metric"):
+        plot_masking_sweep(result, "auc")

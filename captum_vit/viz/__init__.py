@@ -10,6 +10,7 @@ from .layers import (
     plot_most_focused,
     rollout_statistics,
 )
+from .masking import plot_masking_sweep
 from .overlay import attribution_to_map, image_to_array, normalize_map, overlay, overlay_array
 
 __all__: list[str] = [
@@ -24,6 +25,7 @@ __all__: list[str] = [
     "plot_head_bars",
     "plot_head_importance",
     "plot_interrelation",
+    "plot_masking_sweep",
     "plot_most_focused",
     "plot_region_probe",
     "rollout_statistics",
