@@ -131,11 +131,18 @@ class GradientRollout(GradientAttribution):
             t = _resolve_target(target, scores)
             used = [a for a in attns[self.start_layer :] if a is not None]
             score = scores.gather(1, t[:, None]).sum()
-            grads = torch.autograd.grad(score, used, allow_unused=True)
+            # Attention that does not depend on the input or on any parameter (e.g. a
+            # constant map) has zero gradient; autograd refuses to differentiate it.
+            live = [i for i, a in enumerate(used) if a.requires_grad]
+            grads: list[Tensor | None] = [None] * len(used)
+            if live and score.requires_grad:
+                found = torch.autograd.grad(score, [used[i] for i in live], allow_unused=True)
+                for i, g in zip(live, found, strict=True):
+                    grads[i] = g
         relevance: Tensor | None = None
         if self.variant == "chefer":
-            for a, g in zip(used, grads, strict=True):
-                g = torch.zeros_like(a) if g is None else g
+            for a, maybe_g in zip(used, grads, strict=True):
+                g = torch.zeros_like(a) if maybe_g is None else maybe_g
                 relevance = chefer_update(relevance, a.detach(), g.detach())
         else:
             product = RolloutProduct(
@@ -144,8 +151,8 @@ class GradientRollout(GradientAttribution):
                 self.residual_weight,
                 _query_indices(self.adapter, layout, x.device),
             )
-            for a, g in zip(used, grads, strict=True):
-                g = torch.zeros_like(a) if g is None else g
+            for a, maybe_g in zip(used, grads, strict=True):
+                g = torch.zeros_like(a) if maybe_g is None else maybe_g
                 product.update((a.detach().float() * g.detach().float()).clamp(min=0))
             relevance = product.result
         assert relevance is not None
