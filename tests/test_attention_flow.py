@@ -149,3 +149,10 @@ def test_bad_arguments() -> None:
         AttentionFlow(model, start_layer=5)
     with pytest.raises(ValueError):
         AttentionFlow(model).attribute(torch.randn(3, size, size))
+
+
+def test_non_square_grid() -> None:
+    model, _ = make_model("hf_dinov2")  # accepts any multiple of the patch size
+    x = torch.randn(1, 3, 32, 48)
+    grid = AttentionFlow(model).attribute(x, return_patch_grid=True)
+    assert isinstance(grid, torch.Tensor) and grid.shape == (1, 1, 4, 6)

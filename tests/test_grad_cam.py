@@ -144,3 +144,11 @@ def test_batch_equals_single_tuple_and_target() -> None:
     with pytest.raises(ValueError, match="out of range"):
         cam.attribute(x, target=99)
     assert hasattr(ViTGradCam.attribute, "__wrapped__")
+
+
+def test_non_square_grid() -> None:
+    model, _ = make_model("hf_dinov2")  # accepts any multiple of the patch size
+    x = torch.randn(2, 3, 32, 48)
+    grid = ViTGradCam(model).attribute(x, target=1, return_patch_grid=True)
+    assert isinstance(grid, Tensor) and grid.shape == (2, 1, 4, 6)
+    assert ViTGradCam(model).attribute(x, target=1).shape == x.shape
