@@ -62,7 +62,7 @@ def test_batch_equals_single_every_family(name: str) -> None:
         for replacement in replacements:
             batch = masked_forward(adapter, x, mask, replacement)
             assert batch.shape == ref.shape
-            for i in range(3):
+            for i in range(2):  # counts 2 and 5
                 single = masked_forward(adapter, x[i : i + 1], mask[i : i + 1], replacement)
                 torch.testing.assert_close(batch[i : i + 1], single, atol=1e-5, rtol=1e-4)
             if name != "torchvision_vit" or replacement != "drop":
