@@ -11,7 +11,7 @@ Writes ``benchmarks/results/masking_seed.md``, ``masking_sweep.md`` and
 ``masking_sweep.csv``. Run from the repository root::
 
     python benchmarks/masking_experiment.py                # all 500 images
-    python benchmarks/masking_experiment.py --images 100   # a fixed subset (first 100 by file name)
+    python benchmarks/masking_experiment.py --images 100   # fixed subset: every 5th image by file name
 """
 
 from __future__ import annotations
@@ -90,14 +90,16 @@ def load_imagenet(transform: object, limit: int) -> tuple[torch.Tensor, torch.Te
     folder = ASSETS / "imagenet-sample"
     with open(folder / "labels.csv", newline="") as f:
         entries = sorted((r["file"], int(r["class_index"])) for r in csv.DictReader(f))
-    entries = entries[:limit]
+    if limit < len(entries):  # a fixed, evenly spaced subset: every k-th image by file name
+        step = len(entries) / limit
+        entries = [entries[int(i * step)] for i in range(limit)]
     images = [transform(Image.open(folder / name).convert("RGB")) for name, _ in entries]  # type: ignore[operator]
     return torch.stack(images), torch.tensor([c for _, c in entries])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=500, help="first N images by file name (default 500 = all)")
+    parser.add_argument("--images", type=int, default=500, help="N evenly spaced images by file name (default 500 = all)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--replacement", default="zero", choices=["zero", "mean", "drop"])
     parser.add_argument("--seed", type=int, default=0)
@@ -128,7 +130,7 @@ def main() -> None:
         "# Masking sweep: DeiT-Tiny on the shared ImageNet sample",
         "",
         f"{result.num_images} images (one per even class index, "
-        f"{'all of them' if result.num_images == 500 else f'the first {result.num_images} by file name'}), "
+        f"{'all of them' if result.num_images == 500 else f'a fixed subset: every {500 // result.num_images}th by file name'}), "
         f"224x224, 196 patch tokens; token replacement {args.replacement!r} "
         "(zero = patch embedding set to 0 before position embeddings). "
         "random: exact count per image, seeded; center: centred square nearest the ratio; "
