@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import captum_vit  # noqa: E402
+import captum_vit
 
 project = "captum_vit"
 author = "captum_vit developers"
