@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -208,7 +209,7 @@ def main() -> None:
         f"timm `vit_base_patch16_224` (random weights), batch {args.batch}, CPU, "
         f"{torch.get_num_threads()} torch threads, median of {args.reps} interleaved "
         "repetitions after one warm-up, all in one run. Produced by "
-        "`python benchmarks/bench_core.py`.",
+        f"`python benchmarks/bench_core.py {' '.join(sys.argv[1:])}`.".replace(" `.", "`."),
         "",
         "## Time",
         "",
