@@ -179,3 +179,17 @@ def test_custom_attention_wrong_token_count() -> None:
     good = adapt(model, attention_modules=[model.attn], num_prefix_tokens=1, patch_size=4)
     out = AttentionRollout(model, adapter=good).attribute(torch.randn(1, 3, 8, 8), return_patch_grid=True)
     assert isinstance(out, Tensor) and out.shape == (1, 1, 2, 2)
+
+
+def test_numpy_integer_targets_are_accepted(deit: tuple[nn.Module, int]) -> None:
+    import numpy as np
+
+    model, size = deit
+    x = torch.randn(2, 3, size, size)
+    gr = GradientRollout(model)
+    torch.testing.assert_close(gr.attribute(x, target=np.int64(3)), gr.attribute(x, target=3))
+    torch.testing.assert_close(
+        gr.attribute(x, target=list(np.array([3, 1]))), gr.attribute(x, target=[3, 1])
+    )
+    with pytest.raises(ValueError, match="out of range"):
+        gr.attribute(x, target=np.int64(9))

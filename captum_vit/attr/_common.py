@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,16 +53,18 @@ def _resolve_target(target: TargetType, scores: Tensor) -> Tensor:
         return scores.detach().argmax(dim=1)
     if isinstance(target, bool):
         raise TypeError("target must be an int, a list of ints or a tensor, not bool")
-    if isinstance(target, int):
-        t = torch.full((batch,), target, dtype=torch.long, device=scores.device)
+    if isinstance(target, numbers.Integral):  # int, numpy integers
+        t = torch.full((batch,), int(target), dtype=torch.long, device=scores.device)
     elif isinstance(target, Tensor):
         if target.is_floating_point():
             raise TypeError("target tensor must hold integers")
         t = target.to(device=scores.device, dtype=torch.long).reshape(-1)
         if t.numel() == 1:
             t = t.expand(batch)
-    elif isinstance(target, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in target):
-        t = torch.tensor(list(target), dtype=torch.long, device=scores.device)
+    elif isinstance(target, Sequence) and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in target
+    ):
+        t = torch.tensor([int(v) for v in target], dtype=torch.long, device=scores.device)
     else:
         raise TypeError(
             f"target must be None, an int, a list of ints or an integer tensor, got {target!r}"
