@@ -41,7 +41,9 @@ class AttentionRollout(Attribution):
     ``R[i, j]`` is how much input token ``j`` flows into output token ``i``.
     :meth:`attribute` returns the query rows of ``R`` (the tokens the head pools) at
     the patch columns. The product is accumulated as the forward pass goes, so only
-    one layer's attention is alive at a time, and computed in float32. Values are raw
+    one layer's attention is alive at a time, and computed in float32; the forward
+    pass stops right after the last attention layer (the rest of the last block and
+    the head cannot change the attention), which leaves ``R`` identical. Values are raw
     (not normalised). Not class-specific: ``target`` is ignored.
 
     Args:

@@ -35,6 +35,8 @@ class RawAttention(Attribution):
     ``fuse_heads`` is the elementwise mean, max or min over heads.
 
     Not class-specific: ``target`` is accepted for Captum compatibility and ignored.
+    The forward pass stops right after the layer that is read (for
+    :meth:`attention_maps`, after the last layer), so early layers are cheap.
 
     Args:
         model (nn.Module): a ViT supported by :func:`captum_vit.adapt`.
