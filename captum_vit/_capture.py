@@ -463,6 +463,12 @@ def _torchvision_mha_patch(mha: nn.Module, fn: Callable[[Tensor], None]) -> Iter
     probability tensor is the one the output depends on.
     """
     assert isinstance(mha, nn.MultiheadAttention)
+    if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
+        raise UnsupportedModelError(
+            "captum_vit captures nn.MultiheadAttention with a packed in-projection "
+            "(kdim == vdim == embed_dim), no bias_k/bias_v and add_zero_attn=False only; "
+            "pass attention_modules= pointing at modules that output the probabilities"
+        )
 
     def forward(
         query: Tensor,

@@ -193,3 +193,36 @@ def test_numpy_integer_targets_are_accepted(deit: tuple[nn.Module, int]) -> None
     )
     with pytest.raises(ValueError, match="out of range"):
         gr.attribute(x, target=np.int64(9))
+
+
+class _MHAModel(nn.Module):
+    def __init__(self, **kw: object) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True, **kw)  # type: ignore[arg-type]
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([t.mean(1, keepdim=True), t], 1)
+        return self.head(self.mha(t, t, t, need_weights=False)[0][:, 0])
+
+
+def test_custom_multihead_attention() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = _MHAModel().eval()
+    adapter = adapt(model, attention_modules=[model.mha], num_prefix_tokens=1, patch_size=4)
+    with torch.no_grad():
+        plain = model(x)
+        with adapter.capture() as rec:
+            captured = adapter.forward(x)
+    torch.testing.assert_close(captured, plain, atol=1e-6, rtol=1e-5)
+    assert rec.attentions[0] is not None and rec.attentions[0].shape == (2, 2, 5, 5)
+    assert "forward" not in model.mha.__dict__
+    odd = _MHAModel(kdim=6, vdim=6).eval()
+    odd.mha.in_proj_weight = None  # separate q/k/v projections
+    bad = adapt(odd, attention_modules=[odd.mha], num_prefix_tokens=1, patch_size=4)
+    with pytest.raises(UnsupportedModelError, match="packed in-projection"):
+        AttentionRollout(odd, adapter=bad).attribute(x)
+    assert "forward" not in odd.mha.__dict__
