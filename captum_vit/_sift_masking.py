@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -28,8 +30,9 @@ def sift_guided_mask(
     r"""MAE-style random masks in which a fraction ``beta`` of the masked patches are
     keypoint patches.
 
-    Per sample, ``m = round(ratio · P)`` patches are masked (exactly), of which
-    ``round(beta · m)`` are drawn uniformly among the patches with at least one
+    Per sample, ``m = mask_count(P, ratio)`` patches (``ratio · P`` rounded half up,
+    as every mask of :mod:`captum_vit.masking`) are masked exactly, of which
+    ``floor(beta · m + 0.5)`` are drawn uniformly among the patches with at least one
     keypoint and the rest uniformly among the patches without keypoints.
 
     Fallback when a sample has too few patches of one kind: all of that kind are
@@ -52,7 +55,7 @@ def sift_guided_mask(
 
         >>> g = torch.Generator().manual_seed(0)
         >>> mask = sift_guided_mask(counts, ratio=0.75, beta=0.3, generator=g)
-        >>> mask.sum(1)        # round(0.75 * P) for every sample
+        >>> mask.sum(1)        # mask_count(P, 0.75) for every sample
     """
     if not isinstance(keypoint_counts, Tensor) or keypoint_counts.ndim != 2:
         raise ValueError("keypoint_counts must be a tensor (B, P)")
@@ -65,8 +68,10 @@ def sift_guided_mask(
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     b, p = keypoint_counts.shape
     device = keypoint_counts.device
-    m = round(ratio * p)
-    want_k = round(beta * m)
+    from .masking import mask_count
+
+    m = mask_count(p, float(ratio)) if p > 0 else 0
+    want_k = math.floor(beta * m + 0.5)
     is_kp = keypoint_counts > 0
     n_kp = is_kp.sum(1)
     n_nk = p - n_kp

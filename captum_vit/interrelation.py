@@ -485,15 +485,6 @@ def aggregate_interrelation(
 
 
 # ---------------------------------------------------------------------------- Mask-as-Prompt
-def _rank_mask(scores: Tensor, k: int, largest: bool) -> Tensor:
-    """Bool (B, P): the k patches with the largest (smallest) score; NaN never first."""
-    fill = -math.inf if largest else math.inf
-    keyed = torch.nan_to_num(scores.float(), nan=fill)
-    idx = keyed.topk(k, dim=1, largest=largest).indices
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    return mask.scatter_(1, idx, True)
-
-
 MASK_AS_PROMPT_STRATEGIES: tuple[str, ...] = ("top", "bottom", "random")
 
 
@@ -511,10 +502,11 @@ def mask_as_prompt(
     r"""Mask-as-Prompt sweep: the model's predictions when patch tokens are masked by
     patch score.
 
-    For each ratio ``r``, ``k = round(r · P)`` patch tokens per image are masked at
-    the token level (:func:`captum_vit._token_masking.masked_forward`):
+    For each ratio ``r``, ``k = mask_count(P, r)`` patch tokens per image are masked
+    at the token level (:func:`captum_vit._token_masking.masked_forward`):
     ``"top"`` masks the k patches with the highest score, ``"bottom"`` the k with
-    the lowest, ``"random"`` k uniformly random patches. NaN scores are never
+    the lowest (:func:`captum_vit.masking.score_mask`), ``"random"`` k uniformly
+    random patches (:func:`captum_vit.masking.random_mask`). NaN scores are never
     picked before finite ones.
 
     Args:
@@ -542,6 +534,7 @@ def mask_as_prompt(
     """
     from ._capture import resolve_adapter
     from ._token_masking import check_replacement, masked_forward
+    from .masking import random_mask, score_mask
 
     ad = resolve_adapter(model, adapter)
     check_replacement(replacement)
@@ -562,12 +555,12 @@ def mask_as_prompt(
         for strategy in strategies:
             preds = []
             for r in ratios:
-                k = max(1, round(r * p))
                 if strategy == "random":
-                    keys = torch.rand(b, p, generator=generator).to(inputs.device)
-                    mask = _rank_mask(keys, k, largest=True)
+                    mask = random_mask(b, p, r, generator=generator).to(inputs.device)
                 else:
-                    mask = _rank_mask(scores, k, largest=strategy == "top")
+                    top = strategy == "top"
+                    keyed = torch.nan_to_num(scores.float(), nan=-math.inf if top else math.inf)
+                    mask = score_mask(keyed, r, largest=top)
                 preds.append(masked_forward(ad, inputs, mask, replacement).argmax(-1))
             out[strategy] = torch.stack(preds)
     return out
