@@ -81,7 +81,11 @@ class PatchOcclusion(PerturbationAttribution):
     grid with ``stride`` and, for each position, computes
     ``score_target(unmasked) - score_target(window masked)``; each patch gets the mean
     over the windows that cover it. Values are raw (positive: hiding the patch lowers
-    the target score). Works on any model :func:`captum_vit.adapt` can describe with a
+    the target score). Cost: one forward pass per window position (``window=1``:
+    ``gh*gw`` passes) plus the unmasked pass, in chunks of ``perturbations_per_eval``
+    windows; that is the same number of passes as Captum's ``Occlusion`` over the same
+    windows, so the time is that of the model's forward passes (``"drop"`` passes are
+    shorter by the masked tokens). Works on any model :func:`captum_vit.adapt` can describe with a
     patch embedding / token module, including windowed-attention models described by
     hand, since no attention is read.
 
