@@ -92,10 +92,11 @@ def main() -> None:
         model(x)  # warm-up
 
     lines = [
-        f"# Occlusion speed: {args.model} (random weights), 224x224, CPU, {torch.get_num_threads()} threads",
+        f"# Occlusion speed: {args.model} (random weights), 224x224, CPU, torch threads: {torch.get_num_threads()}",
         "",
         f"Produced by `python benchmarks/bench_occlusion.py --perturbations {args.perturbations} "
-        f"--ppe {' '.join(map(str, args.ppe))} --repeats {args.repeats} --drop-batch {args.drop_batch}`. "
+        f"--ppe {' '.join(map(str, args.ppe))} --repeats {args.repeats} --drop-batch {args.drop_batch}"
+        f"{f' --threads {args.threads}' if args.threads else ''}`. "
         f"Median of {args.repeats} interleaved repeats; each method timed over the unmasked pass "
         f"+ the first {args.perturbations} of the 196 one-patch windows.",
         "",
