@@ -89,6 +89,14 @@ def test_known_answer_end_to_end(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(grid, torch.tensor([[[[1.0, 0.0], [0.666667, 0.6]]]]), atol=1e-5, rtol=0)
 
 
+def test_non_probability_attention_is_rejected() -> None:
+    model = _FixedModel()
+    model.attn[1].forward = lambda x: 2 * _FixedAttention().forward(x)  # type: ignore[method-assign]
+    adapter = adapt(model, attention_modules=list(model.attn), num_prefix_tokens=1, patch_size=8)
+    with pytest.raises(ValueError, match="row-stochastic"):
+        SiftInterrelation(model, adapter=adapter).analyze(torch.zeros(1, 3, 16, 16))
+
+
 def test_gamma_known_answers_and_nan() -> None:
     # gamma 1.5: line .375 -> rows 0,1 keep only their max; rows 2,3 have nothing >= .375
     theta, kk, nk, _ = interrelation_stats(ALPHA_4[None, None], T_4, gamma=1.5)

@@ -130,10 +130,15 @@ def _run_captured(
     *,
     keep: bool,
     on_attention: Any = None,
+    validate: bool = True,
 ) -> tuple[Tensor, list[Tensor | None], TokenLayout]:
-    """One forward pass under capture: (scores, per-layer attention or None, layout)."""
+    """One forward pass under capture: (scores, per-layer attention or None, layout).
+
+    ``validate=False`` skips the capture's full row-sum check (for callers that
+    validate a cheaper part themselves).
+    """
     adapter.check_inputs(inputs)
-    with adapter.capture(keep=keep, on_attention=on_attention) as rec:
+    with adapter.capture(keep=keep, on_attention=on_attention, validate=validate) as rec:
         scores = adapter.forward(inputs, *args)
     if rec.num_tokens is None:
         raise RuntimeError(

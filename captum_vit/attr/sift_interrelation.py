@@ -10,7 +10,7 @@ import torch
 from captum.attr import Attribution
 from torch import Tensor, nn
 
-from .._capture import ViTAdapter, resolve_adapter
+from .._capture import ViTAdapter, _validate_attention, resolve_adapter
 from .._compat import log_usage
 from .._sift import Unnormalize, keypoint_counts, unnormalize_inputs
 from ..interrelation import (
@@ -166,6 +166,11 @@ class SiftInterrelation(Attribution):
         per_layer: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
         def on_attention(layer: int, attn: Tensor) -> None:
+            # the capture's full row-sum check would read every layer's attention twice;
+            # checking the shape and the rows of the first sample's first head is enough
+            # to catch modules that do not output probabilities
+            _validate_attention(layer, attn, check_rows=False)
+            _validate_attention(layer, attn[:1, :1], check_rows=True)
             prefix = int(attn.shape[-1]) - p
             if prefix < 0:
                 raise ValueError(
@@ -178,7 +183,7 @@ class SiftInterrelation(Attribution):
         with torch.no_grad():
             _run_captured(
                 self.adapter, x, _forward_args(additional_forward_args), keep=False,
-                on_attention=on_attention,
+                on_attention=on_attention, validate=False,
             )
         layers = [per_layer[i] for i in range(self.adapter.num_layers)]
         theta = torch.stack([s[0] for s in layers], dim=1)
