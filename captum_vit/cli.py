@@ -13,7 +13,7 @@ Exit codes (scripts can rely on them):
 * ``0``: success;
 * ``1``: runtime failure (the model or a method failed while running);
 * ``2``: usage error or bad input (unknown option or method, missing or unreadable
-  image, target out of range, unknown model, missing weights file);
+  image, target out of range, unknown or unsupported model, missing weights file);
 * ``130``: interrupted (Ctrl-C).
 
 Every method runs through a registry (:data:`METHODS`): a name, whether it is
