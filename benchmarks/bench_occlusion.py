@@ -4,12 +4,23 @@ Model: timm ViT-B/16 with random weights, one 224x224 image, under ``torch.no_gr
 
 1. One-patch-window occlusion: :class:`captum_vit.PatchOcclusion` (``window=1``,
    zeroed patch embeddings) vs Captum's ``Occlusion`` with 16x16 pixel windows,
-   stride 16 (the same 196 windows), at the same ``perturbations_per_eval``. To stay
-   affordable on a busy machine both are stopped after the same number of perturbed
-   forward passes (``--perturbations``, plus the unmasked pass each method makes);
-   the per-perturbation cost is what a full 196-window map multiplies.
+   stride 16 (the same 196 windows), at the same ``perturbations_per_eval``, and vs
+   the floor of any exact occlusion: the same number of plain forward passes of
+   the same batch sizes, with no masking and no bookkeeping. ``--perturbations 196``
+   times the full map; fewer stops each method after that many perturbed passes
+   (plus the unmasked pass each makes), to stay affordable on a busy machine.
 2. ``replacement="drop"`` with 50 % of the patch tokens masked vs an unmasked
    forward pass of the same batch (and ``"zero"`` for reference).
+3. The exact-sharing bound: the fraction of a forward pass's FLOPs (counted with
+   ``torch.utils.flop_counter``, attention unfused so that its matmuls count) that a
+   one-patch-window map could skip without changing a value: the patch embedding,
+   the first block's LayerNorm/QKV of the unchanged tokens, the first block's
+   attention (a rank-1 update of the changed key/value), and in the last block
+   everything but the pooled token's row (its keys and values are still needed).
+   Every other operation sees inputs that differ from the unmasked pass, because the
+   first block's attention mixes the changed token into every token. The bound is
+   ``1 / (1 - skippable fraction)``, the most any exact method can gain over one
+   full forward pass per window.
 
 Methods are interleaved and repeated; the table reports median seconds and ratios
 from this one run (absolute times depend on machine load, ratios much less).
@@ -30,6 +41,7 @@ import timm
 import torch
 from captum.attr import Occlusion
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from captum_vit import PatchOcclusion, adapt
 from captum_vit._token_masking import masked_forward
@@ -71,6 +83,54 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def _plain_forwards(model: nn.Module, x: torch.Tensor, windows: int, ppe: int) -> None:
+    """The floor of an exact occlusion map: one unmasked pass, then one plain pass per
+    chunk of ``ppe`` windows on the same batch sizes, nothing else."""
+    with torch.no_grad():
+        model(x)
+        for start in range(0, windows, ppe):
+            k = min(ppe, windows - start)
+            model(x.repeat(k, 1, 1, 1) if k > 1 else x)
+
+
+def _exact_sharing_bound(model: nn.Module, x: torch.Tensor) -> tuple[float, float, list[str]]:
+    """(total GFLOP, skippable GFLOP, table lines) of one forward pass; see the
+    module docstring, item 3. Assumes a timm VisionTransformer with one pooled token."""
+    blocks = list(model.blocks)  # type: ignore[union-attr]
+    saved_flags = [b.attn.fused_attn for b in blocks]
+    try:
+        for b in blocks:
+            b.attn.fused_attn = False  # count the attention matmuls
+        with torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
+            model(x)
+    finally:
+        for b, flag in zip(blocks, saved_flags, strict=True):
+            b.attn.fused_attn = flag
+    flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    total = float(counter.get_total_flops())
+    last = len(blocks) - 1
+    n = x.shape[-2] // 16 * (x.shape[-1] // 16) + 1
+    other = (n - 1) / n  # share of the rows that belong to the other tokens
+
+    def f(name: str) -> float:
+        return float(flops.get(f"VisionTransformer.{name}", 0.0))
+
+    attn0 = f("blocks.0.attn") - f("blocks.0.attn.qkv") - f("blocks.0.attn.proj")
+    attn_last = f(f"blocks.{last}.attn") - f(f"blocks.{last}.attn.qkv") - f(f"blocks.{last}.attn.proj")
+    parts = [
+        ("patch embedding", f("patch_embed")),
+        ("block 0 QKV of the unchanged tokens", f("blocks.0.attn.qkv") * other),
+        ("block 0 attention (rank-1 update)", attn0 * other),
+        (f"block {last} queries of the other tokens", f(f"blocks.{last}.attn.qkv") / 3 * other),
+        (f"block {last} attention rows of the other tokens", attn_last * other),
+        (f"block {last} projection + MLP of the other tokens",
+         (f(f"blocks.{last}.attn.proj") + f(f"blocks.{last}.mlp")) * other),
+    ]
+    saved = sum(v for _, v in parts)
+    lines = [f"| {name} | {v / 1e9:.3f} | {100 * v / total:.1f} % |" for name, v in parts]
+    return total / 1e9, saved / 1e9, lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vit_base_patch16_224")
@@ -100,14 +160,17 @@ def main() -> None:
         f"Median of {args.repeats} interleaved repeats; each method timed over the unmasked pass "
         f"+ the first {args.perturbations} of the 196 one-patch windows.",
         "",
-        "| perturbations_per_eval | PatchOcclusion (s) | Captum Occlusion 16x16 px (s) | speed-up (Captum / ours) |",
-        "|---|---|---|---|",
+        "| perturbations_per_eval | PatchOcclusion (s) | Captum Occlusion 16x16 px (s) | plain forwards, same count (s) | speed-up (Captum / ours) | Captum / plain | ours / plain |",
+        "|---|---|---|---|---|---|---|",
     ]
     for ppe in args.ppe:
         passes = 1 + -(-args.perturbations // ppe)
         t_ours: list[float] = []
         t_captum: list[float] = []
+        t_plain: list[float] = []
         for _ in range(args.repeats):
+            t_plain.append(_timed_until(
+                lambda ppe=ppe: _plain_forwards(model, x, 196, ppe), model, passes))
             t_ours.append(_timed_until(
                 lambda ppe=ppe: ours.attribute(x, target=0, perturbations_per_eval=ppe), model, passes))
             t_captum.append(_timed_until(
@@ -115,8 +178,8 @@ def main() -> None:
                     x, target=0, sliding_window_shapes=(3, 16, 16), strides=(3, 16, 16),
                     perturbations_per_eval=ppe),
                 model, passes))
-        a, b = statistics.median(t_ours), statistics.median(t_captum)
-        lines.append(f"| {ppe} | {a:.2f} | {b:.2f} | {b / a:.2f}x |")
+        a, b, c = statistics.median(t_ours), statistics.median(t_captum), statistics.median(t_plain)
+        lines.append(f"| {ppe} | {a:.2f} | {b:.2f} | {c:.2f} | {b / a:.2f}x | {b / c:.2f}x | {a / c:.2f}x |")
         print(lines[-1], flush=True)
 
     adapter = adapt(model)
@@ -141,6 +204,22 @@ def main() -> None:
         t = statistics.median(times[name])
         lines.append(f"| {name} | {t:.2f} | {t / base:.2f}x |")
         print(lines[-1], flush=True)
+    total, saved, parts = _exact_sharing_bound(model, x)
+    lines += [
+        "",
+        f"Exact-sharing bound for a one-patch-window map (one forward pass: {total:.2f} GFLOP, "
+        "attention matmuls included); what an exact method could skip per window:",
+        "",
+        "| skippable part | GFLOP | share of a forward |",
+        "|---|---|---|",
+        *parts,
+        f"| **total** | {saved:.3f} | {100 * saved / total:.1f} % |",
+        "",
+        f"Largest possible speed-up of an exact occlusion map over one full forward pass per "
+        f"window: **{total / (total - saved):.2f}x** (FLOP bound; measured time also pays the "
+        "Python and memory overheads that do not shrink).",
+    ]
+    print("\n".join(lines[-12:]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -156,3 +156,36 @@ def test_non_square_grid() -> None:
     x = torch.randn(1, 3, 32, 48)
     grid = AttentionFlow(model).attribute(x, return_patch_grid=True)
     assert isinstance(grid, torch.Tensor) and grid.shape == (1, 1, 4, 6)
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "hf_vit"])
+def test_flow_bounded_by_source_cut(name: str) -> None:
+    # The cut around the source: a patch's flow is at most its out-capacity into the
+    # first layer (column sum of Ã_0 over all tokens) and at most the query's capacity 1.
+    model, size = make_model(name)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    flow = AttentionFlow(model)
+    got = flow.attribute(x, return_patch_grid=True).flatten(1)
+    caps = flow.capacities(x)
+    prefix = caps.shape[-1] - got.shape[1]
+    bound = caps[:, 0, :, prefix:].sum(1).clamp(max=1.0)
+    assert (got <= bound + 1e-6).all()
+    assert (got < 1 - 1e-4).any()  # some patch is held below 1 by its own cut
+
+
+@pytest.mark.real_model
+def test_real_deit_flow_is_first_layer_attention_received(real_deit: nn.Module) -> None:
+    # On the real DeiT-Tiny the source cut binds for almost every patch: flow equals
+    # min(first-layer attention received + residual, 1) (benchmarks/flow_diagnosis.py).
+    from PIL import Image
+    from skimage import data
+
+    from captum_vit.models import load_default
+
+    _, transform, _ = load_default()
+    x = transform(Image.fromarray(data.chelsea())).unsqueeze(0)
+    flow = AttentionFlow(real_deit)
+    got = flow.attribute(x, return_patch_grid=True).flatten(1).double()
+    caps = flow.capacities(x)
+    bound = caps[:, 0, :, 1:].sum(1).clamp(max=1.0).double()
+    assert ((got - bound).abs() <= 1e-5).double().mean() > 0.95
