@@ -20,7 +20,9 @@ For each image it records the fraction of saturated patches, the fraction where
 rollout and Chefer's map, and positive / negative perturbation AUCs (token zeroing,
 top-1 accuracy against the label, as ``captum-vit bench --eval``) for: flow with the
 suite's raster tie-break, flow with random and with reverse-raster tie-breaks,
-``min(c, 1)`` (random tie-break), rollout (mean) and the random map.
+``min(c, 1)`` (random tie-break), rollout (mean) and the random map. With ``--voc``
+it also scores the same maps on the VOC images with ground-truth masks: foreground
+attention fraction (FAF, Das & Huddar) and the pointing game, as the suite does.
 Writes ``benchmarks/results/flow_diagnosis.md``. Run from the repository root::
 
     python benchmarks/flow_diagnosis.py --stride 25 --threads 1
@@ -37,8 +39,8 @@ import torch
 from torch import Tensor
 
 from captum_vit import AttentionFlow, AttentionRollout, GradientRollout, adapt
-from captum_vit.evaluation import ImageFolderWithLabels
-from captum_vit.metrics import perturbation_curve
+from captum_vit.evaluation import ImageFolderWithLabels, MaskedImages
+from captum_vit.metrics import foreground_fraction, perturbation_curve, pointing_game
 from captum_vit.models import load_default
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +77,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=25, help="every k-th image of the 500 (25: 20 images)")
     parser.add_argument("--batch-size", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--voc", type=Path, default=None, help="VOC folder with index.csv (e.g. ../shared/assets/voc2012-samples)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "flow_diagnosis.md")
     args = parser.parse_args()
@@ -133,7 +136,7 @@ def main() -> None:
         "# AttentionFlow below the random map: ties or a property?",
         "",
         f"Produced by `python benchmarks/flow_diagnosis.py --stride {args.stride} --batch-size {args.batch_size}"
-        f"{f' --threads {args.threads}' if args.threads else ''}` on {n} shared ImageNet images "
+        f"{f' --threads {args.threads}' if args.threads else ''}{f' --voc {args.voc}' if args.voc else ''}` on {n} shared ImageNet images "
         f"(every {args.stride}th), bundled DeiT-Tiny, AttentionFlow defaults (mean fusion, residual 0.5), "
         f"{time.perf_counter() - t0:.0f} s. `c_j` = patch j's out-capacity into the first layer "
         "(first-layer attention it receives, with the residual), the bound `flow_j <= min(c_j, 1)`.",
@@ -153,6 +156,44 @@ def main() -> None:
     for name, d in aucs.items():
         pos, neg = torch.cat(d["positive"]).mean().item() * 100, torch.cat(d["negative"]).mean().item() * 100
         lines.append(f"| {name} | {pos:.2f} | {neg:.2f} | {neg - pos:.2f} |")
+    if args.voc is not None:
+        import timm.data
+
+        cfg = timm.data.resolve_data_config({}, model=model)
+        voc = torch.utils.data.DataLoader(MaskedImages(args.voc, transform, cfg), batch_size=args.batch_size)
+        scores: dict[str, dict[str, list[Tensor]]] = defaultdict(lambda: defaultdict(list))
+        count = 0
+        for batch in voc:
+            x, mask = batch["image"], batch["mask"]
+            b = x.shape[0]
+            count += b
+            flow = flow_m.attribute(x, return_patch_grid=True)
+            caps = flow_m.capacities(x)
+            prefix = caps.shape[-1] - flow[0].numel()
+            bound = caps[:, 0, :, prefix:].sum(1).clamp(max=1.0).view_as(flow)
+            maps = {
+                "flow": flow,
+                "min(c, 1)": bound,
+                "rollout mean": rollout_m.attribute(x, return_patch_grid=True),
+                "random map": torch.rand(flow.shape, generator=gen),
+            }
+            for name, m in maps.items():
+                up = torch.nn.functional.interpolate(m, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+                faf, _ = foreground_fraction(m, mask, 0.5, ignore_index=255)
+                scores[name]["faf"].append(faf)
+                scores[name]["pointing"].append(pointing_game(up, mask, ignore_index=255))
+        lines += [
+            "",
+            f"On the {count} VOC images with ground-truth masks (`--voc {args.voc}`): foreground "
+            "attention fraction and pointing game (%), as in `captum-vit bench --eval`:",
+            "",
+            "| map | FAF | pointing |",
+            "|---|---|---|",
+        ]
+        for name, d in scores.items():
+            faf_v = torch.cat(d["faf"]).double().nanmean().item()
+            pt = torch.cat(d["pointing"]).double().nanmean().item() * 100
+            lines.append(f"| {name} | {faf_v:.3f} | {pt:.1f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

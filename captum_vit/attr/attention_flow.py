@@ -89,8 +89,22 @@ class AttentionFlow(Attribution):
     to at most 1), and when the residual weight keeps every token well connected
     many patches saturate near the query's capacity, giving flatter maps with less
     contrast than rollout. Abnar & Zuidema report flow correlating better with
-    input-gradient and ablation importance. Not class-specific: ``target`` is
-    ignored. Values are raw flows in ``[0, 1]``; the published code divides each
+    input-gradient and ablation importance.
+
+    **Where the cut lies.** A patch's flow can never exceed the capacity leaving its
+    source node, ``c_j = Σ_i Ã_start[i, j]`` (the attention the patch *receives* in
+    the first layer of the network, plus the residual), nor the query's capacity 1:
+    ``flow_j ≤ min(c_j, 1)``. The layers in between are densely connected and rarely
+    bind, so in practice the bound is the flow: on the bundled DeiT-Tiny it holds
+    with equality (to 1e-5) for 99.6 % of the patches of 20 ImageNet images, about
+    29 % of them saturated at 1 (``benchmarks/flow_diagnosis.py``). The map then
+    ranks patches by the attention they receive in the first layer. On that model
+    this carries no foreground information (foreground fraction 0.265 on the VOC
+    masks, a random map 0.266) and runs against the class evidence (Spearman −0.22
+    with Chefer's relevance): the perturbation test scores it below a random map,
+    whichever way ties are broken. Prefer
+    :class:`GradientRollout` or :class:`AttentionRollout` where faithfulness
+    matters. Not class-specific: ``target`` is ignored. Values are raw flows in ``[0, 1]``; the published code divides each
     image's flows by their sum (``map / map.sum()`` reproduces that).
 
     Args:
