@@ -109,7 +109,7 @@ def _exact_sharing_bound(model: nn.Module, x: torch.Tensor) -> tuple[float, floa
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     total = float(counter.get_total_flops())
     last = len(blocks) - 1
-    n = x.shape[-2] // 16 * (x.shape[-1] // 16) + 1
+    n = int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)  # type: ignore[union-attr]
     other = (n - 1) / n  # share of the rows that belong to the other tokens
 
     def f(name: str) -> float:
