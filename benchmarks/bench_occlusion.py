@@ -219,7 +219,6 @@ def main() -> None:
         f"window: **{total / (total - saved):.2f}x** (FLOP bound; measured time also pays the "
         "Python and memory overheads that do not shrink).",
     ]
-    print("\n".join(lines[-12:]), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

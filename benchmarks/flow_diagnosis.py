@@ -61,6 +61,14 @@ def _tie_break(scores: Tensor, perm: Tensor) -> Tensor:
     return ranks
 
 
+def _source_bound(flow_m: AttentionFlow, x: Tensor, patches: int) -> tuple[Tensor, Tensor]:
+    """``(c, min(c, 1))``, both ``(B, P)``: each patch's out-capacity into the first
+    layer (column sum of ``Ã_0`` over all tokens) and the flow bound it gives."""
+    caps = flow_m.capacities(x)  # (B, L, N, N)
+    received = caps[:, 0, :, caps.shape[-1] - patches :].sum(1)
+    return received, received.clamp(max=1.0)
+
+
 def _spearman(a: Tensor, b: Tensor) -> Tensor:
     """Per-row Spearman correlation of (B, P) tensors (average ranks not needed for
     continuous maps; ties get their positional rank)."""
@@ -100,10 +108,7 @@ def main() -> None:
         with torch.no_grad():
             pred = adapter.forward(x).argmax(1)
         flow = flow_m.attribute(x, return_patch_grid=True).flatten(1).double()  # (B, P)
-        caps = flow_m.capacities(x)  # (B, L, N, N)
-        prefix = caps.shape[-1] - flow.shape[1]
-        received = caps[:, 0, :, prefix:].sum(1).double()  # c_j, (B, P)
-        bound = received.clamp(max=1.0)
+        received, bound = (t.double() for t in _source_bound(flow_m, x, flow.shape[1]))
         rollout = rollout_m.attribute(x, return_patch_grid=True).flatten(1).double()
         chefer = chefer_m.attribute(x, target=pred, return_patch_grid=True).flatten(1).double()
         stats["saturated"].append((flow >= 1.0 - SATURATED).double().mean(1))
@@ -168,9 +173,7 @@ def main() -> None:
             b = x.shape[0]
             count += b
             flow = flow_m.attribute(x, return_patch_grid=True)
-            caps = flow_m.capacities(x)
-            prefix = caps.shape[-1] - flow[0].numel()
-            bound = caps[:, 0, :, prefix:].sum(1).clamp(max=1.0).view_as(flow)
+            bound = _source_bound(flow_m, x, flow[0].numel())[1].view_as(flow)
             maps = {
                 "flow": flow,
                 "min(c, 1)": bound,

@@ -102,10 +102,12 @@ class AttentionFlow(Attribution):
     this carries no foreground information (foreground fraction 0.265 on the VOC
     masks, a random map 0.266) and runs against the class evidence (Spearman −0.22
     with Chefer's relevance): the perturbation test scores it below a random map,
-    whichever way ties are broken. Prefer
-    :class:`GradientRollout` or :class:`AttentionRollout` where faithfulness
-    matters. Not class-specific: ``target`` is ignored. Values are raw flows in ``[0, 1]``; the published code divides each
-    image's flows by their sum (``map / map.sum()`` reproduces that).
+    whichever way ties are broken. Prefer :class:`GradientRollout` or
+    :class:`AttentionRollout` where faithfulness matters.
+
+    Not class-specific: ``target`` is ignored. Values are raw flows in ``[0, 1]``;
+    the published code divides each image's flows by their sum (``map / map.sum()``
+    reproduces that).
 
     Args:
         model (nn.Module): a ViT supported by :func:`captum_vit.adapt`.
