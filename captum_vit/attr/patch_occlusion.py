@@ -89,9 +89,11 @@ class PatchOcclusion(PerturbationAttribution):
     block's attention mixes the changed token into every token, so only the patch
     embedding, the first block's projections of the unchanged tokens and the last
     block's rows that the head does not read could be skipped, under 10 % of a
-    ViT-B/16 forward pass (a 1.11x bound, ``benchmarks/bench_occlusion.py``). Works on any model :func:`captum_vit.adapt` can describe with a
-    patch embedding / token module, including windowed-attention models described by
-    hand, since no attention is read.
+    ViT-B/16 forward pass (a 1.11x bound, ``benchmarks/bench_occlusion.py``).
+
+    Works on any model :func:`captum_vit.adapt` can describe with a patch embedding /
+    token module, including windowed-attention models described by hand, since no
+    attention is read.
 
     Args:
         model (nn.Module): a ViT supported by :func:`captum_vit.adapt`.
