@@ -13,6 +13,7 @@ from .attr import (
 )
 from .heads import RegionProbe, ablate_heads, head_importance, region_probe
 from .interrelation import InterrelationResult
+from .masking import masked_forward
 from .robustness import MaskingSweepResult, compare_pooling, masking_sweep
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __all__ = [
     "adapt",
     "compare_pooling",
     "head_importance",
+    "masked_forward",
     "masking_sweep",
     "region_probe",
 ]

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ._capture import ViTAdapter
+from ._utils import _slice_args
 
 __all__ = [
     "REPLACEMENTS",
@@ -249,13 +250,6 @@ def token_masking(
         yield
     finally:
         handle.remove()
-
-
-def _slice_args(args: tuple[Any, ...], index: Tensor, batch: int) -> tuple[Any, ...]:
-    return tuple(
-        a[index.to(a.device)] if isinstance(a, Tensor) and a.ndim > 0 and a.shape[0] == batch else a
-        for a in args
-    )
 
 
 def masked_forward(

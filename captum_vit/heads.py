@@ -29,7 +29,15 @@ from torch import Tensor, nn
 from ._capture import TokenLayout, ViTAdapter, resolve_adapter
 from ._compat import progress
 from ._token_masking import check_mask, check_replacement, token_masking
-from .attr._common import TargetType, _forward_args, _resolve_target, _unpack_inputs
+from ._utils import (
+    TargetType,
+    _forward_args,
+    _repeat_args,
+    _resolve_target,
+    _slice_args,
+    _unpack_inputs,
+    _weighted_rows,
+)
 
 __all__ = ["RegionProbe", "ablate_heads", "head_importance", "region_probe"]
 
@@ -95,15 +103,6 @@ def _head_masking(adapter: ViTAdapter, keep: Sequence[Tensor | None]) -> Iterato
     finally:
         for h in handles:
             h.remove()
-
-
-def _repeat_args(args: tuple[Any, ...], times: int, batch: int) -> tuple[Any, ...]:
-    return tuple(
-        a.repeat(times, *([1] * (a.ndim - 1)))
-        if isinstance(a, Tensor) and a.ndim > 0 and a.shape[0] == batch
-        else a
-        for a in args
-    )
 
 
 def _heads_per_layer(adapter: ViTAdapter, x: Tensor, args: tuple[Any, ...]) -> tuple[Tensor, int]:
@@ -260,7 +259,7 @@ def head_importance(
                         keep[layer] = torch.ones(k * batch, heads, device=x.device)
                     keep[layer][c * batch : (c + 1) * batch, h] = 0.0  # type: ignore[index]
                 with adapter.capture(keep=False, validate=False), _head_masking(adapter, keep):
-                    s = adapter.forward(x.repeat(k, 1, 1, 1), *_repeat_args(args, k, batch))
+                    s = adapter.forward(x.repeat(k, 1, 1, 1), *_repeat_args(args, batch, k))
                 vals = s.gather(1, t.repeat(k)[:, None])[:, 0].float().reshape(k, batch)
                 for c, (layer, h) in enumerate(chunk):
                     out[:, layer, h] = base - vals[c]
@@ -349,11 +348,6 @@ class RegionProbe:
         return [(int(i) // heads, int(i) % heads, float(v)) for v, i in zip(top.values, top.indices, strict=True)]
 
 
-def _query_rows_all(attn: Tensor, weights: Tensor) -> Tensor:
-    """Query-weighted rows of (B, heads, N, N) -> (B, heads, N) float32."""
-    return torch.einsum("n,bhnm->bhm", weights.to(attn.device), attn.detach().float())
-
-
 def region_probe(
     model: nn.Module,
     inputs: Tensor | tuple[Tensor, ...],
@@ -419,7 +413,7 @@ def region_probe(
         def on_full(_layer: int, attn: Tensor) -> None:
             if "layout" not in state:
                 state["layout"] = adapter.layout(x, int(attn.shape[-1]))
-            rows.append(_query_rows_all(attn, adapter.query_weights(state["layout"])))
+            rows.append(_weighted_rows(adapter.query_weights(state["layout"]), attn.detach()))
 
         with adapter.capture(keep=False, on_attention=on_full):
             scores = adapter.forward(x, *args)
@@ -443,12 +437,9 @@ def region_probe(
                 n = int(attn.shape[-1])
                 kept = n - p
                 sub_layout = TokenLayout(num_tokens=n, num_prefix_tokens=p, grid=(1, kept))
-                _sub.append(_query_rows_all(attn, adapter.query_weights(sub_layout)))
+                _sub.append(_weighted_rows(adapter.query_weights(sub_layout), attn.detach()))
 
-            sub_args = tuple(
-                a[index] if isinstance(a, Tensor) and a.ndim > 0 and a.shape[0] == batch else a
-                for a in args
-            )
+            sub_args = _slice_args(args, index, batch)
             with adapter.capture(keep=False, on_attention=on_pruned), token_masking(
                 adapter, mask[index], replacement, grid=grid
             ):

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from ._capture import ViTAdapter, resolve_adapter
 from ._token_masking import check_replacement, masked_forward
-from .attr._common import TargetType, _forward_args, _resolve_target, _unpack_inputs
+from ._utils import TargetType, _forward_args, _resolve_target, _unpack_inputs
+from .masking import mask_count
 
 __all__ = [
     "DEFAULT_FRACTIONS",
@@ -416,7 +417,9 @@ def _patch_scores(attributions: Tensor | tuple[Tensor, ...], grid: tuple[int, in
 def removal_masks(scores: Tensor, fractions: Sequence[float], order: str) -> Tensor:
     r"""Token-removal masks of the perturbation test.
 
-    For fraction ``f`` the ``floor(f · P)`` patches with the highest scores
+    For fraction ``f`` the :func:`captum_vit.masking.mask_count` ``(P, f)`` =
+    ``floor(f · P + 0.5)`` patches (the package's one rounding rule for a fraction of
+    the patches: round half up) with the highest scores
     (``order="positive"``) or the lowest (``"negative"``) are masked; ties keep patch
     order (stable sort).
 
@@ -434,7 +437,7 @@ def removal_masks(scores: Tensor, fractions: Sequence[float], order: str) -> Ten
     ranks_idx = torch.argsort(scores, dim=1, descending=order == "positive", stable=True)
     rank = torch.empty_like(ranks_idx)
     rank.scatter_(1, ranks_idx, torch.arange(p, device=scores.device).expand(b, p))
-    out = [rank < math.floor(f * p + 1e-9) for f in fractions]
+    out = [rank < mask_count(p, f) for f in fractions]
     return torch.stack(out)
 
 
@@ -472,7 +475,7 @@ def perturbation_curve(
     r"""Chefer et al.'s positive / negative perturbation test.
 
     The patch tokens are ranked by the attribution (input-shaped maps are averaged
-    over each patch); for each fraction ``f`` the ``floor(f · P)`` most relevant
+    over each patch); for each fraction ``f`` the ``floor(f · P + 0.5)`` most relevant
     (``order="positive"``) or least relevant (``"negative"``) tokens are removed at
     token level (:mod:`captum_vit._token_masking`, the same masking as
     :class:`~captum_vit.PatchOcclusion`) and the model is run again. The curve records,

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from ._capture import ViTAdapter, resolve_adapter
 from ._compat import progress
 from ._token_masking import check_replacement, masked_forward
-from .attr._common import _forward_args, _unpack_inputs
+from ._utils import _forward_args, _unpack_inputs
+from .attr.attention_rollout import AttentionRollout
 from .masking import center_mask, mask_count, random_mask, score_mask
 
 __all__ = ["STRATEGIES", "MaskingSweepResult", "compare_pooling", "masking_sweep"]
@@ -360,7 +361,7 @@ def masking_sweep(
             )
     rollout = None
     if any(s.startswith("rollout_") for s in strategies):
-        from .attr.attention_rollout import AttentionRollout
+
 
         rollout = AttentionRollout(model, adapter=adapter)
 

@@ -191,7 +191,7 @@ def _reference_curve(adapter, x, grid_scores, order, fractions, replacement, met
             idx = sorted(range(p), key=lambda j: (-vals[j] if order == "positive" else vals[j], j))
             for k, f in enumerate(fractions):
                 mask = torch.zeros(1, p, dtype=torch.bool)
-                mask[0, idx[: int(f * p + 1e-9)]] = True
+                mask[0, idx[: math.floor(f * p + 0.5)]] = True  # round half up, as mask_count
                 out = masked_forward(adapter, x[i : i + 1], mask, replacement)
                 if metric == "accuracy":
                     curves[i, k] = float(int(out.argmax()) == t)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -11,76 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._capture import StopForward, TokenLayout, ViTAdapter
+from .._utils import _weighted_rows
+from ._rollout import RolloutProduct
 
 __all__: list[str] = []
-
-TargetType = int | Sequence[int] | Tensor | None
-
-
-def _unpack_inputs(inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, bool]:
-    """Accept a tensor or a 1-tuple (Captum style); return (tensor, was_tuple)."""
-    if isinstance(inputs, tuple):
-        if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
-            raise ValueError(
-                "captum_vit methods explain one image tensor: pass a tensor (B, C, H, W) or a "
-                f"1-tuple of it, got a tuple of {len(inputs)} item(s)"
-            )
-        return inputs[0], True
-    if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a tensor (B, C, H, W), got {type(inputs).__name__}")
-    return inputs, False
-
-
-def _forward_args(additional_forward_args: Any) -> tuple[Any, ...]:
-    if additional_forward_args is None:
-        return ()
-    if isinstance(additional_forward_args, tuple):
-        return additional_forward_args
-    return (additional_forward_args,)
-
-
-def _resolve_target(target: TargetType, scores: Tensor) -> Tensor:
-    """Captum-style target -> LongTensor (B,), validated against ``scores`` (B, C).
-
-    ``None`` picks each sample's highest score (the predicted class).
-    """
-    if scores.ndim != 2:
-        raise ValueError(
-            f"the model's output has shape {tuple(scores.shape)}; class targets need (B, classes)"
-        )
-    batch, classes = scores.shape
-    if target is None:
-        return scores.detach().argmax(dim=1)
-    if isinstance(target, bool):
-        raise TypeError("target must be an int, a list of ints or a tensor, not bool")
-    if isinstance(target, numbers.Integral):  # int, numpy integers
-        t = torch.full((batch,), int(target), dtype=torch.long, device=scores.device)
-    elif isinstance(target, Tensor):
-        if target.is_floating_point():
-            raise TypeError("target tensor must hold integers")
-        t = target.to(device=scores.device, dtype=torch.long).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(batch)
-    elif isinstance(target, Sequence) and all(
-        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in target
-    ):
-        t = torch.tensor([int(v) for v in target], dtype=torch.long, device=scores.device)
-    else:
-        raise TypeError(
-            f"target must be None, an int, a list of ints or an integer tensor, got {target!r}"
-        )
-    if t.numel() != batch:
-        raise ValueError(f"got {t.numel()} targets for a batch of {batch}")
-    if (t < 0).any() or (t >= classes).any():
-        bad = t[(t < 0) | (t >= classes)][0].item()
-        raise ValueError(f"target {bad} is out of range for a model with {classes} outputs")
-    return t.contiguous()
 
 
 def _query_rows(matrix: Tensor, adapter: ViTAdapter, layout: TokenLayout) -> Tensor:
     """Query rows of a (B, ..., N, N) matrix, patch columns only: (B, ..., gh, gw)."""
-    w = adapter.query_weights(layout, device=matrix.device)
-    rows = torch.einsum("n,...nm->...m", w, matrix.float())
+    rows = _weighted_rows(adapter.query_weights(layout, device=matrix.device), matrix)
     patches = rows[..., layout.num_prefix_tokens :]
     return patches.reshape(*patches.shape[:-1], *layout.grid)
 
@@ -182,3 +119,23 @@ def _run_attention_only(
             "adapter's attention modules are not used by the model's forward"
         )
     return adapter.layout(inputs, rec.num_tokens)
+
+
+def _lazy_product(
+    state: dict[str, Any],
+    adapter: ViTAdapter,
+    inputs: Tensor,
+    attn: Tensor,
+    head_fusion: str,
+    discard_ratio: float,
+    residual_weight: float,
+) -> RolloutProduct:
+    """The :class:`RolloutProduct` kept in ``state["product"]``, built on the first
+    captured layer (the query rows need the token count ``attn`` reveals)."""
+    if "product" not in state:
+        layout = adapter.layout(inputs, int(attn.shape[-1]))
+        state["product"] = RolloutProduct(
+            head_fusion, discard_ratio, residual_weight, _query_indices(adapter, layout, attn.device)
+        )
+    product: RolloutProduct = state["product"]
+    return product

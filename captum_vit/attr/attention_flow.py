@@ -13,17 +13,15 @@ from torch import Tensor, nn
 
 from .._capture import TokenLayout, ViTAdapter, resolve_adapter
 from .._compat import log_usage, progress
+from .._utils import TargetType, _forward_args, _unpack_inputs
 from ._common import (
-    TargetType,
     _check_fusion,
     _check_layer_index,
     _format_output,
-    _forward_args,
-    _query_indices,
+    _lazy_product,
     _run_captured,
-    _unpack_inputs,
 )
-from ._rollout import RolloutProduct, check_rollout_args
+from ._rollout import check_rollout_args
 
 __all__ = ["AttentionFlow"]
 
@@ -162,15 +160,10 @@ class AttentionFlow(Attribution):
         def on_attention(layer: int, attn: Tensor) -> None:
             if layer < self.start_layer:
                 return
-            if "product" not in state:
-                layout = adapter.layout(x, int(attn.shape[-1]))
-                state["product"] = RolloutProduct(
-                    self.head_fusion,
-                    self.discard_ratio,
-                    self.residual_weight,
-                    _query_indices(adapter, layout, attn.device),
-                )
-            state["mats"].append(state["product"].layer_matrix(attn.detach()))
+            product = _lazy_product(
+                state, adapter, x, attn, self.head_fusion, self.discard_ratio, self.residual_weight
+            )
+            state["mats"].append(product.layer_matrix(attn.detach()))
 
         with torch.no_grad():
             _, _, layout = _run_captured(

@@ -9,18 +9,16 @@ from torch import Tensor, nn
 
 from .._capture import ViTAdapter, resolve_adapter
 from .._compat import log_usage
+from .._utils import TargetType, _forward_args, _unpack_inputs
 from ._common import (
-    TargetType,
     _check_fusion,
     _check_layer_index,
     _format_output,
-    _forward_args,
-    _query_indices,
+    _lazy_product,
     _query_rows,
     _run_attention_only,
-    _unpack_inputs,
 )
-from ._rollout import RolloutProduct, check_rollout_args
+from ._rollout import check_rollout_args
 
 __all__ = ["AttentionRollout"]
 
@@ -86,20 +84,15 @@ class AttentionRollout(Attribution):
 
     def _rollout(self, x: Tensor, additional_forward_args: Any) -> tuple[Tensor, Any]:
         adapter = self.adapter
-        state: dict[str, RolloutProduct] = {}
+        state: dict[str, Any] = {}
 
         def on_attention(layer: int, attn: Tensor) -> None:
             if layer < self.start_layer:
                 return
-            if "product" not in state:
-                layout = adapter.layout(x, int(attn.shape[-1]))
-                state["product"] = RolloutProduct(
-                    self.head_fusion,
-                    self.discard_ratio,
-                    self.residual_weight,
-                    _query_indices(adapter, layout, attn.device),
-                )
-            state["product"].update(attn.detach())
+            product = _lazy_product(
+                state, adapter, x, attn, self.head_fusion, self.discard_ratio, self.residual_weight
+            )
+            product.update(attn.detach())
 
         layout = _run_attention_only(
             adapter,

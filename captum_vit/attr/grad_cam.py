@@ -10,14 +10,8 @@ from torch import Tensor, nn
 
 from .._capture import ViTAdapter, resolve_adapter
 from .._compat import log_usage
-from ._common import (
-    TargetType,
-    _check_layer_index,
-    _format_output,
-    _forward_args,
-    _resolve_target,
-    _unpack_inputs,
-)
+from .._utils import TargetType, _forward_args, _resolve_target, _unpack_inputs
+from ._common import _check_layer_index, _format_output
 
 __all__ = ["ViTGradCam"]
 

@@ -10,17 +10,14 @@ from torch import Tensor, nn
 
 from .._capture import TokenLayout, ViTAdapter, resolve_adapter
 from .._compat import log_usage
+from .._utils import TargetType, _forward_args, _resolve_target, _unpack_inputs
 from ._common import (
-    TargetType,
     _check_fusion,
     _check_layer_index,
     _format_output,
-    _forward_args,
     _query_indices,
     _query_rows,
-    _resolve_target,
     _run_captured,
-    _unpack_inputs,
 )
 from ._rollout import RolloutProduct, check_rollout_args, chefer_update
 

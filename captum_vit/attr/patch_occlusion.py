@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from .._capture import ViTAdapter, resolve_adapter
 from .._compat import log_usage, progress
 from .._token_masking import check_replacement, masked_forward
-from ._common import TargetType, _format_output, _forward_args, _resolve_target, _unpack_inputs
+from .._utils import TargetType, _forward_args, _repeat_args, _resolve_target, _unpack_inputs
+from ._common import _format_output
 
 __all__ = ["PatchOcclusion"]
 
@@ -53,16 +54,6 @@ def _window_masks(
             m[top : top + wh, left : left + ww] = True
             masks.append(m.reshape(-1))
     return torch.stack(masks)
-
-
-def _repeat_args(args: tuple[Any, ...], batch: int, times: int) -> tuple[Any, ...]:
-    """Repeat per-sample tensor arguments (first dim == batch) ``times`` times."""
-    return tuple(
-        a.repeat(times, *([1] * (a.ndim - 1)))
-        if isinstance(a, Tensor) and a.ndim > 0 and a.shape[0] == batch
-        else a
-        for a in args
-    )
 
 
 class PatchOcclusion(PerturbationAttribution):

@@ -10,15 +10,13 @@ from torch import Tensor, nn
 
 from .._capture import ViTAdapter, resolve_adapter
 from .._compat import log_usage
+from .._utils import TargetType, _forward_args, _unpack_inputs
 from ._common import (
-    TargetType,
     _check_fusion,
     _check_layer_index,
     _format_output,
-    _forward_args,
     _query_rows,
     _run_attention_only,
-    _unpack_inputs,
 )
 from ._rollout import fuse_heads
 

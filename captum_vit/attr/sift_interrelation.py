@@ -12,14 +12,15 @@ from torch import Tensor, nn
 
 from .._capture import ViTAdapter, _validate_attention, resolve_adapter
 from .._compat import log_usage
-from .._sift import Unnormalize, keypoint_counts, unnormalize_inputs
-from ..interrelation import (
+from .._interrelation import (
     InterrelationResult,
     _nanmean,
     _summary_stages,
     interrelation_stats,
 )
-from ._common import TargetType, _format_output, _forward_args, _run_captured, _unpack_inputs
+from .._sift import Unnormalize, keypoint_counts, unnormalize_inputs
+from .._utils import TargetType, _forward_args, _unpack_inputs
+from ._common import _format_output, _run_captured
 
 __all__ = ["SiftInterrelation"]
 
