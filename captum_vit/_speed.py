@@ -1,6 +1,6 @@
 """Speed benchmark behind ``captum-vit bench --speed`` and ``benchmarks/bench_speed.py``.
 
-Times every evaluation method of :mod:`captum_vit.evaluation`, Captum's own
+Times every method of the registry (:mod:`captum_vit.registry`), Captum's own
 perturbation methods where they overlap (``Occlusion`` with patch-sized windows,
 ``FeatureAblation`` with a patch feature mask) and installed peers (pytorch-grad-cam,
 torchxai-explain, daam-timm-vit; each skipped with the reason when it is missing or
@@ -25,6 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ._capture import adapt
+from .models import load_default
+from .registry import METHODS, available_methods
 
 __all__: list[str] = []
 
@@ -128,8 +132,6 @@ def speed_benchmark(args: argparse.Namespace) -> str:
     """Run the speed benchmark; write ``<out>/<name>.csv``; return a Markdown report."""
     from captum.attr import FeatureAblation, Occlusion
 
-    from .evaluation import _REGISTRY, available_methods
-    from .models import load_default
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -140,8 +142,6 @@ def speed_benchmark(args: argparse.Namespace) -> str:
         target = int(model(x[:1]).argmax())
     t = torch.full((x.shape[0],), target, dtype=torch.long, device=x.device)
     idx = torch.arange(x.shape[0])
-    from . import adapt
-
     adapter = adapt(model)
     grid = adapter.grid_size(x)
     ph, pw = adapter.patch_size
@@ -156,10 +156,10 @@ def speed_benchmark(args: argparse.Namespace) -> str:
     names = args.methods.split(",") if args.methods else available_methods()
     for n in names:
         options: dict[str, Any] = {"occlusion_window": 1, "occlusion_replacement": "zero"}
-        explain = _REGISTRY[n].factory(model, adapter, options)
+        explain = METHODS[n].build(model, adapter, options)
         entries.append(_Entry(n, "captum_vit", _bind(explain, x, t, idx)))
         if n == "patch_occlusion":
-            drop = _REGISTRY[n].factory(model, adapter, {"occlusion_window": 1, "occlusion_replacement": "drop"})
+            drop = METHODS[n].build(model, adapter, {"occlusion_window": 1, "occlusion_replacement": "drop"})
             entries.append(_Entry("patch_occlusion (drop)", "captum_vit", _bind(drop, x, t, idx)))
     occ = Occlusion(model)
     fab = FeatureAblation(model)

@@ -16,8 +16,10 @@ Exit codes (scripts can rely on them):
   image, target out of range, unknown or unsupported model, missing weights file);
 * ``130``: interrupted (Ctrl-C).
 
-Every method runs through a registry (:data:`METHODS`): a name, whether it is
-class-specific, and a builder returning ``explain(x, target) -> (B, 1, gh, gw)``.
+Every method comes from the one method registry, :mod:`captum_vit.registry`
+(:data:`METHODS`, re-exported here): ``--method`` takes its names; old spellings
+(``raw``, ``rollout``, ``grad-rollout``, ``chefer``, ``occlusion``) still work and print
+a deprecation warning.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "METHODS", "MethodSpec", "main"]
+from .registry import METHODS, MethodEntry, resolve_name
+
+__all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "METHODS", "main"]
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -52,94 +56,39 @@ class CliUsageError(Exception):
 # ---------------------------------------------------------------------------- registry
 Explain = Callable[[Any, Any], Any]
 
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One entry of the CLI's method registry.
-
-    Attributes:
-        name (str): the ``--method`` value.
-        title (str): human-readable name used in figures.
-        class_specific (bool): whether the map depends on the target class.
-        build (Callable): ``build(model, transform, options) -> explain`` where
-            ``explain(x, target)`` returns the raw patch maps ``(B, 1, gh, gw)`` for a
-            normalised batch ``x`` and a LongTensor of targets ``(B,)`` (ignored by
-            methods that are not class-specific).
-    """
-
-    name: str
-    title: str
-    class_specific: bool
-    build: Callable[[Any, Any, argparse.Namespace], Explain]
+#: Methods of ``captum-vit demo`` by default (one per method family; ``--methods``
+#: takes any registry name).
+_DEMO_METHODS = ("raw_attention", "rollout_mean", "grad_rollout", "grad_rollout_chefer", "patch_occlusion", "sift")
 
 
-def _build_raw(model: Any, transform: Any, opts: argparse.Namespace) -> Explain:
-    from .attr import RawAttention
-
-    e = RawAttention(model, layer=opts.layer, head_fusion=opts.head_fusion)
-    return lambda x, t: e.attribute(x, return_patch_grid=True)
-
-
-def _build_rollout(model: Any, transform: Any, opts: argparse.Namespace) -> Explain:
-    from .attr import AttentionRollout
-
-    e = AttentionRollout(model, head_fusion=opts.head_fusion, discard_ratio=opts.discard_ratio)
-    return lambda x, t: e.attribute(x, return_patch_grid=True)
+def __getattr__(name: str) -> Any:
+    if name == "MethodSpec":
+        warnings.warn(
+            "captum_vit.cli.MethodSpec is deprecated: the CLI uses captum_vit.registry.MethodEntry",
+            DeprecationWarning, stacklevel=2,
+        )
+        return MethodEntry
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _build_grad_rollout(model: Any, transform: Any, opts: argparse.Namespace) -> Explain:
-    from .attr import GradientRollout
-
-    e = GradientRollout(
-        model, variant="rollout", head_fusion=opts.head_fusion, discard_ratio=opts.discard_ratio
-    )
-    return lambda x, t: e.attribute(x, target=t, return_patch_grid=True)
+def _method_choices() -> list[str]:
+    """Registry names and their deprecated aliases (argparse choices)."""
+    return [*METHODS, *(a for e in METHODS.values() for a in e.aliases)]
 
 
-def _build_chefer(model: Any, transform: Any, opts: argparse.Namespace) -> Explain:
-    from .attr import GradientRollout
-
-    e = GradientRollout(model, variant="chefer")
-    return lambda x, t: e.attribute(x, target=t, return_patch_grid=True)
-
-
-def _build_occlusion(model: Any, transform: Any, opts: argparse.Namespace) -> Explain:
-    try:
-        from .attr import PatchOcclusion
-    except ImportError as err:
-        raise RuntimeError("method 'occlusion' (PatchOcclusion) is not available in this install") from err
-
-    e = PatchOcclusion(model)
-    return lambda x, t: e.attribute(
-        x,
-        target=t,
-        window=opts.window,
-        stride=opts.stride,
-        perturbations_per_eval=opts.perturbations_per_eval,
-        show_progress=opts.progress,
-        return_patch_grid=True,
-    )
-
-
-def _build_sift(model: Any, transform: Any, opts: argparse.Namespace) -> Explain:
-    from .attr import SiftInterrelation
-
-    e = SiftInterrelation(model, gamma=opts.gamma, unnormalize=(transform.mean, transform.std))
-    return lambda x, t: e.attribute(x, return_patch_grid=True)
-
-
-#: name -> method. ``--method`` choices, in display order.
-METHODS: dict[str, MethodSpec] = {
-    m.name: m
-    for m in (
-        MethodSpec("raw", "raw attention", False, _build_raw),
-        MethodSpec("rollout", "attention rollout", False, _build_rollout),
-        MethodSpec("grad-rollout", "gradient rollout", True, _build_grad_rollout),
-        MethodSpec("chefer", "Chefer relevance", True, _build_chefer),
-        MethodSpec("occlusion", "patch occlusion", True, _build_occlusion),
-        MethodSpec("sift", "SIFT interrelation", False, _build_sift),
-    )
-}
+def _method_names(names: Sequence[str]) -> list[str]:
+    """Registry names of ``--method`` values; deprecated aliases print a warning."""
+    out = []
+    for name in names:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                out.append(resolve_name(name))
+            except KeyError as err:
+                raise CliUsageError(str(err.args[0])) from err
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+    return list(dict.fromkeys(out))
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -231,14 +180,38 @@ def _figure_png(fig: Any, path: Path | None = None, dpi: int = 100) -> bytes:
 def _explainers(
     names: Sequence[str], model: Any, transform: Any, opts: argparse.Namespace
 ) -> dict[str, Explain]:
-    return {name: METHODS[name].build(model, transform, opts) for name in names}
+    """``explain(x, target)`` per method, built from its registry entry with the
+    command line's method options (each entry takes the keywords it declares)."""
+    import torch
+
+    from ._capture import resolve_adapter
+
+    adapter = resolve_adapter(model, None)
+    options = {
+        "head_fusion": opts.head_fusion,
+        "layer": opts.layer,
+        "discard_ratio": opts.discard_ratio,
+        "window": opts.window,
+        "stride": opts.stride,
+        "perturbations_per_eval": opts.perturbations_per_eval,
+        "show_progress": opts.progress,
+        "gamma": opts.gamma,
+        "unnormalize": (transform.mean, transform.std),
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    out: dict[str, Explain] = {}
+    for name in names:
+        run = METHODS[name].build(model, adapter, options)
+        out[name] = lambda x, t, run=run: run(x, t, torch.arange(x.shape[0]))
+    return out
 
 
 def _add_method_options(p: argparse.ArgumentParser, *, window: int = 1, stride: int | None = None) -> None:
     g = p.add_argument_group("method options")
     g.add_argument(
-        "--head-fusion", choices=_HEAD_FUSIONS, default="mean",
-        help="how heads are fused for raw, rollout and grad-rollout (default: mean)",
+        "--head-fusion", choices=_HEAD_FUSIONS, default=None,
+        help="how heads are fused for the attention methods (default: the method's own, mean "
+        "except rollout_max / rollout_min)",
     )
     g.add_argument("--layer", type=int, default=-1, help="layer for raw attention, 0-based, negative from the end (default: -1)")
     g.add_argument(
@@ -316,7 +289,7 @@ def _cmd_explain(opts: argparse.Namespace) -> int:
     from .viz import overlay
 
     _validate_common(opts)
-    methods: list[str] = list(dict.fromkeys(opts.method))
+    methods = _method_names(opts.method)
     paths = _check_images(opts.images)
     out = Path(opts.out)
     single_file = out.suffix.lower() == ".png"
@@ -414,7 +387,7 @@ def _cmd_demo(opts: argparse.Namespace) -> int:
 
     _validate_common(opts)
     start = time.perf_counter()
-    methods: list[str] = list(dict.fromkeys(opts.methods))
+    methods = _method_names(opts.methods)
     for name in opts.images:
         if name not in _DEMO_IMAGES:
             raise CliUsageError(f"unknown demo image {name!r}; choose from {', '.join(_DEMO_IMAGES)}")
@@ -650,8 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     ex.add_argument(
-        "--method", nargs="+", choices=list(METHODS), default=["rollout"], metavar="METHOD",
-        help=f"one or more of: {', '.join(METHODS)} (default: rollout)",
+        "--method", nargs="+", choices=_method_choices(), default=["rollout_mean"], metavar="METHOD",
+        help=f"one or more of: {', '.join(METHODS)} (default: rollout_mean)",
     )
     tg = ex.add_mutually_exclusive_group()
     tg.add_argument("--target", type=int, default=None, metavar="K", help="class index to explain (default: the predicted class)")
@@ -670,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", required=True, metavar="DIR", help="report directory")
     demo.add_argument("--images", nargs="+", default=list(_DEMO_IMAGES), metavar="NAME", help=f"subset of {', '.join(_DEMO_IMAGES)}")
-    demo.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD", help="subset of the methods (default: all)")
+    demo.add_argument("--methods", nargs="+", choices=_method_choices(), default=list(_DEMO_METHODS), metavar="METHOD", help=f"methods of the registry (default: {' '.join(_DEMO_METHODS)})")
     _add_model_options(demo)
     _add_method_options(demo, window=2, stride=2)
     _add_plot_options(demo)

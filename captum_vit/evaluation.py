@@ -17,15 +17,16 @@ Totals are kept as exact sums and counts; under ``torch.distributed`` (gloo on C
 nccl on GPU) every process takes every ``world_size``-th batch and the sums and counts
 are all-reduced, so the table equals a single-process run (timings aside).
 
-Methods come from a registry of factories (:func:`register_method`); the built-in
-ones cover raw attention (last layer), attention rollout (mean / max / min head
+Methods come from the one method registry, :mod:`captum_vit.registry`
+(:func:`register_method` and :func:`available_methods` are re-exported here); the
+built-in ones cover raw attention (last layer), attention rollout (mean / max / min head
 fusion), gradient rollout (Chefer and jacobgil variants), patch occlusion, SIFT
 patch scores, ViT Grad-CAM and attention flow (when those classes are present in
 :mod:`captum_vit.attr`), and a random-map baseline.
 
 :func:`bench_main` is the ``captum-vit bench`` entry point (``--eval`` runs this suite
 on the shared ImageNet / VOC samples, ``--speed`` the speed benchmark of
-:mod:`captum_vit._speed`).
+:mod:`captum_vit._speed`, built on the same registry).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 
 from ._capture import ViTAdapter, resolve_adapter
 from ._compat import progress
+from ._utils import _split_batch
 from .metrics import (
     DEFAULT_FRACTIONS,
     foreground_fraction,
@@ -53,6 +55,8 @@ from .metrics import (
     pointing_game,
     segmentation_scores,
 )
+from .registry import METHODS as _REGISTRY
+from .registry import Explainer, MethodFactory, available_methods, register_method
 
 __all__ = [
     "METRICS",
@@ -64,14 +68,6 @@ __all__ = [
     "evaluate",
     "register_method",
 ]
-
-#: ``(inputs, target, index) -> (B, 1, gh, gw)`` patch grid: one method, ready to run.
-#: ``target`` is a LongTensor ``(B,)``; ``index`` the samples' dataset indices
-#: ``(B,)`` (used by stochastic baselines to stay reproducible under sharding).
-Explainer = Callable[[Tensor, Tensor, Tensor], Tensor]
-#: ``(model, adapter, options) -> Explainer``; ``options`` holds method settings such
-#: as ``occlusion_window`` (see :func:`evaluate`).
-MethodFactory = Callable[[nn.Module, ViTAdapter, Mapping[str, Any]], Explainer]
 
 #: Per-method accumulated metrics, in table order.
 METRICS: tuple[str, ...] = (
@@ -88,153 +84,6 @@ METRICS: tuple[str, ...] = (
 )
 #: Metrics shown in percent in the table (as the papers report them).
 _PERCENT = frozenset({"auc_positive", "auc_negative", "auc_gap", "pixel_accuracy", "miou", "map", "pointing"})
-
-
-@dataclass(frozen=True)
-class _MethodSpec:
-    factory: MethodFactory
-    description: str
-    requires: str | None  # class name in captum_vit.attr that must exist
-
-
-_REGISTRY: dict[str, _MethodSpec] = {}
-
-
-def register_method(
-    name: str,
-    factory: MethodFactory,
-    *,
-    description: str = "",
-    requires: str | None = None,
-    overwrite: bool = False,
-) -> None:
-    """Add a method to the evaluation registry.
-
-    Args:
-        name (str): the row name in the table.
-        factory (MethodFactory): ``(model, adapter, options) -> explainer`` where the
-            explainer maps ``(inputs, target, index)`` to a ``(B, 1, gh, gw)`` patch
-            grid (any map whose spatial size is a multiple of the grid is pooled).
-        description (str, optional): one line for ``--help`` / docs. Default: ""
-        requires (str, optional): a class name of :mod:`captum_vit.attr` without which
-            the method is unavailable. Default: None
-        overwrite (bool, optional): replace an existing entry. Default: False
-
-    Example::
-
-        >>> def my_factory(model, adapter, options):
-        ...     ig = captum.attr.IntegratedGradients(model)
-        ...     return lambda x, t, idx: ig.attribute(x, target=t).abs().sum(1, keepdim=True)
-        >>> register_method("integrated_gradients", my_factory)
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError("method name must be a non-empty string")
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"method {name!r} is already registered (pass overwrite=True)")
-    if not callable(factory):
-        raise TypeError("factory must be callable (model, adapter, options) -> explainer")
-    _REGISTRY[name] = _MethodSpec(factory, description, requires)
-
-
-def available_methods() -> list[str]:
-    """Registered methods whose attribution classes are present, in registry order."""
-    from . import attr
-
-    return [n for n, s in _REGISTRY.items() if s.requires is None or hasattr(attr, s.requires)]
-
-
-# ---------------------------------------------------------------------- built-in methods
-def _grid_of(out: Tensor | tuple[Tensor, ...]) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _raw_attention(model: nn.Module, adapter: ViTAdapter, options: Mapping[str, Any]) -> Explainer:
-    from .attr import RawAttention
-
-    m = RawAttention(model, layer=-1, adapter=adapter)
-    return lambda x, t, idx: _grid_of(m.attribute(x, target=t, return_patch_grid=True))
-
-
-def _rollout(fusion: str) -> MethodFactory:
-    def factory(model: nn.Module, adapter: ViTAdapter, options: Mapping[str, Any]) -> Explainer:
-        from .attr import AttentionRollout
-
-        m = AttentionRollout(
-            model,
-            head_fusion=fusion,
-            discard_ratio=float(options.get(f"rollout_{fusion}_discard_ratio", 0.0)),
-            adapter=adapter,
-        )
-        return lambda x, t, idx: _grid_of(m.attribute(x, target=t, return_patch_grid=True))
-
-    return factory
-
-
-def _gradient_rollout(variant: str) -> MethodFactory:
-    def factory(model: nn.Module, adapter: ViTAdapter, options: Mapping[str, Any]) -> Explainer:
-        from .attr import GradientRollout
-
-        m = GradientRollout(model, variant=variant, adapter=adapter)
-        return lambda x, t, idx: _grid_of(m.attribute(x, target=t, return_patch_grid=True))
-
-    return factory
-
-
-def _patch_occlusion(model: nn.Module, adapter: ViTAdapter, options: Mapping[str, Any]) -> Explainer:
-    from . import attr
-
-    cls = attr.PatchOcclusion  # type: ignore[attr-defined]
-    m = cls(model, replacement=str(options.get("occlusion_replacement", "zero")), adapter=adapter)
-    window = int(options.get("occlusion_window", 1))
-    stride = options.get("occlusion_stride")
-    ppe = int(options.get("perturbations_per_eval", 16))
-
-    def run(x: Tensor, t: Tensor, idx: Tensor) -> Tensor:
-        out = m.attribute(
-            x, target=t, window=window, stride=None if stride is None else int(stride),
-            perturbations_per_eval=ppe, return_patch_grid=True,
-        )
-        return _grid_of(out)
-
-    return run
-
-
-def _by_class(class_name: str) -> MethodFactory:
-    """A method of :mod:`captum_vit.attr` built with its defaults."""
-
-    def factory(model: nn.Module, adapter: ViTAdapter, options: Mapping[str, Any]) -> Explainer:
-        from . import attr
-
-        m = getattr(attr, class_name)(model, adapter=adapter)
-        return lambda x, t, idx: _grid_of(m.attribute(x, target=t, return_patch_grid=True))
-
-    return factory
-
-
-def _random_map(model: nn.Module, adapter: ViTAdapter, options: Mapping[str, Any]) -> Explainer:
-    seed = int(options.get("seed", 0))
-
-    def run(x: Tensor, t: Tensor, idx: Tensor) -> Tensor:
-        gh, gw = adapter.grid_size(x)
-        maps = []
-        for i in idx.tolist():
-            g = torch.Generator().manual_seed(seed * 1_000_003 + int(i))
-            maps.append(torch.rand(1, gh, gw, generator=g))
-        return torch.stack(maps).to(x.device)
-
-    return run
-
-
-register_method("raw_attention", _raw_attention, description="RawAttention, last layer, mean of heads")
-for _fusion in ("mean", "max", "min"):
-    register_method(f"rollout_{_fusion}", _rollout(_fusion), description=f"AttentionRollout, {_fusion} head fusion")
-register_method("grad_rollout_chefer", _gradient_rollout("chefer"), description="GradientRollout variant='chefer' (Chefer et al. 2021)")
-register_method("grad_rollout", _gradient_rollout("rollout"), description="GradientRollout variant='rollout' (jacobgil / Das & Huddar)")
-register_method("patch_occlusion", _patch_occlusion, description="PatchOcclusion (token-level)", requires="PatchOcclusion")
-register_method("sift", _by_class("SiftInterrelation"), description="SiftInterrelation patch scores", requires="SiftInterrelation")
-register_method("vit_gradcam", _by_class("ViTGradCam"), description="ViTGradCam", requires="ViTGradCam")
-register_method("attention_flow", _by_class("AttentionFlow"), description="AttentionFlow", requires="AttentionFlow")
-register_method("random", _random_map, description="uniform random map (baseline)")
 
 
 # ---------------------------------------------------------------------- the table
@@ -360,21 +209,6 @@ class EvaluationTable:
 
 
 # ---------------------------------------------------------------------- evaluate
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """(images, labels, masks, indices) from a tuple/list or dict batch."""
-    if isinstance(batch, Tensor):
-        return batch, None, None, None
-    if isinstance(batch, Mapping):
-        return batch["image"], batch.get("label"), batch.get("mask"), batch.get("index")
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        items = list(batch) + [None] * (4 - len(batch))
-        return items[0], items[1], items[2], items[3]
-    raise TypeError(
-        "each batch must be images, (images, labels[, masks[, indices]]) or a dict with "
-        f"'image' and optional 'label', 'mask', 'index'; got {type(batch).__name__}"
-    )
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from captum_vit.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, METHODS, main
+from captum_vit.cli import _DEMO_METHODS, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, METHODS, main
+from captum_vit.registry import MethodEntry
 
 ENV = {**os.environ, "MPLBACKEND": "Agg"}
 #: Entry-point processes started at once: each spends most of its time importing torch.
@@ -138,16 +139,16 @@ def test_explain_top_k_writes_what_the_library_computes(happy, tiny: dict[str, P
         top2 = model(x).topk(2, dim=1).indices
     rollout = AttentionRollout(model).attribute(x, return_patch_grid=True)
     for i, stem in enumerate(("cat", "camera")):
-        grid = np.load(out / f"{stem}_rollout.npy")
+        grid = np.load(out / f"{stem}_rollout_mean.npy")
         assert grid.shape == (10, 10)
         np.testing.assert_allclose(grid, rollout[i, 0].numpy(), rtol=1e-5, atol=1e-7)
-        assert _not_blank(out / f"{stem}_rollout.png")[0] > 200
+        assert _not_blank(out / f"{stem}_rollout_mean.png")[0] > 200
         for k in top2[i].tolist():
             chefer = GradientRollout(model).attribute(x[i : i + 1], target=k, return_patch_grid=True)
             np.testing.assert_allclose(
-                np.load(out / f"{stem}_chefer_class{k}.npy"), chefer[0, 0].numpy(), rtol=1e-4, atol=1e-6
+                np.load(out / f"{stem}_grad_rollout_chefer_class{k}.npy"), chefer[0, 0].numpy(), rtol=1e-4, atol=1e-6
             )
-            _not_blank(out / f"{stem}_chefer_class{k}.png")
+            _not_blank(out / f"{stem}_grad_rollout_chefer_class{k}.png")
     assert "cat.png:" in res.stdout
 
 
@@ -155,15 +156,15 @@ def test_demo_report_with_every_method(happy) -> None:
     res, out = happy["demo"]
     assert res.returncode == EXIT_OK, res.stderr
     page = (out / "index.html").read_text()
-    for spec in METHODS.values():
-        assert spec.title in page
+    for name in _DEMO_METHODS:
+        assert METHODS[name].title in page
     assert page.count('src="data:image/png;base64,') == 3  # methods, layers, interrelation
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["methods"] == list(METHODS) and set(summary["predicted"]) == {"chelsea"}
+    assert summary["methods"] == list(_DEMO_METHODS) and set(summary["predicted"]) == {"chelsea"}
     w, h = _not_blank(out / "chelsea_methods.png")
     assert w > 3 * h  # input + 6 methods side by side
     maps = np.load(out / "maps.npz")
-    assert sorted(maps.files) == sorted(f"chelsea_{m}" for m in METHODS)
+    assert sorted(maps.files) == sorted(f"chelsea_{m}" for m in _DEMO_METHODS)
     assert all(maps[f].shape == (10, 10) for f in maps.files)
 
 
@@ -236,14 +237,14 @@ def test_exit_codes_for_runtime_failure_and_unsupported_model(
 ) -> None:
     from captum_vit import cli
 
-    def broken(model: object, transform: object, opts: object) -> object:
-        def explain(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def broken(model: object, adapter: object, options: object) -> object:
+        def explain(x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("method blew up")
 
         return explain
 
-    monkeypatch.setitem(cli.METHODS, "raw", cli.MethodSpec("raw", "raw attention", False, broken))
-    code = main(["explain", str(tiny["cat"]), "--method", "raw", "--out", str(tmp_path / "o"), *_model_args(tiny)])
+    monkeypatch.setitem(cli.METHODS, "raw_attention", MethodEntry("raw_attention", "raw attention", make=broken))
+    code = main(["explain", str(tiny["cat"]), "--method", "raw_attention", "--out", str(tmp_path / "o"), *_model_args(tiny)])
     assert code == EXIT_FAILURE
     assert "method blew up" in capsys.readouterr().err
     # a CNN cannot be explained by attention methods: bad input, not a crash
