@@ -31,6 +31,7 @@ from torch import Tensor, nn
 __all__ = [
     "AttentionRecorder",
     "Pooling",
+    "PoolingPath",
     "StopForward",
     "TokenLayout",
     "UnsupportedModelError",
@@ -224,6 +225,14 @@ class ViTAdapter:
             Face ``o_proj`` / ``out_proj`` / ``*SelfOutput.dense``, torchvision
             ``out_proj`` (called as a module only inside :meth:`capture`). Used to
             zero attention heads.
+        pooling_path (PoolingPath | None): the final token states and classifier
+            head (timm, Hugging Face, torchvision), for
+            :func:`captum_vit.compare_pooling`; ``None`` with the reason in
+            ``pooling_path_error``.
+        pooling_path_error (str | None): why there is no ``pooling_path``.
+        rotary (str | None): the class name of the model's rotary position embedding
+            (e.g. timm EVA), or ``None``. Tokens can be dropped from the sequence
+            (token masking ``"drop"``) only without one; see :attr:`droppable`.
     """
 
     model: nn.Module
@@ -237,8 +246,16 @@ class ViTAdapter:
     token_module: nn.Module | None = None
     blocks: list[nn.Module] | None = None
     out_projections: list[nn.Module] | None = None
+    pooling_path: PoolingPath | None = field(default=None, repr=False)
+    pooling_path_error: str | None = field(default=None, repr=False)
+    rotary: str | None = None
     _capture_kind: str = field(default="module_output", repr=False)
     _dynamic_pad: bool = field(default=False, repr=False)
+
+    @property
+    def droppable(self) -> bool:
+        """Whether patch tokens can be removed from the sequence (no rotary embedding)."""
+        return self.rotary is None
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -512,6 +529,124 @@ def _torchvision_mha_patch(mha: nn.Module, fn: Callable[[Tensor], None]) -> Iter
             del mha.forward
 
 
+# ---------------------------------------------------------------------- heads
+@dataclass
+class PoolingPath:
+    """Where a model's final token states are read and how its head scores them.
+
+    Attributes:
+        module (nn.Module): module whose output holds the final token states
+            (after the final norm: the tensor the head reads).
+        read (Callable): output of ``module`` -> states ``(B, N, D)``.
+        head (Callable): one pooled state ``(B, D)`` -> scores.
+        cls_head (Callable): states ``(B, N, D)`` -> scores through the model's own
+            prefix pooling (CLS, or CLS and distillation token).
+        description (str): the head in words.
+    """
+
+    module: nn.Module
+    read: Callable[[Any], Tensor]
+    head: Callable[[Tensor], Tensor]
+    cls_head: Callable[[Tensor], Tensor]
+    description: str
+
+
+def _identity_read(out: Any) -> Tensor:
+    return out
+
+
+def _last_hidden(out: Any) -> Tensor:
+    value = getattr(out, "last_hidden_state", None)
+    if not isinstance(value, Tensor):
+        value = out[0]
+    return value
+
+
+def _pooling_path(model: Any, family: str) -> PoolingPath:
+    """The final token states and classifier head of a known family (for
+    :func:`captum_vit.compare_pooling`); raises ``ValueError`` where there is none."""
+    name = type(model).__name__
+    if family == "timm":
+        if getattr(model, "attn_pool", None) is not None:
+            raise ValueError(
+                f"{name} pools with attention (global_pool='map'): it has no CLS state to compare"
+            )
+        fc_norm, head_drop, head = model.fc_norm, model.head_drop, model.head
+
+        def timm_head(state: Tensor) -> Tensor:
+            return head(head_drop(fc_norm(state)))
+
+        if name == "VisionTransformerDistilled":
+            head_dist = model.head_dist
+
+            def dist_head(state: Tensor) -> Tensor:
+                return (head(head_drop(state)) + head_dist(head_drop(state))) / 2
+
+            def dist_cls(seq: Tensor) -> Tensor:
+                return (head(head_drop(seq[:, 0])) + head_dist(head_drop(seq[:, 1]))) / 2
+
+            return PoolingPath(model.norm, _identity_read, dist_head, dist_cls,
+                                "timm distilled: (head(CLS) + head_dist(DIST)) / 2")
+        return PoolingPath(model.norm, _identity_read, timm_head,
+                            lambda seq: timm_head(seq[:, 0]), "timm: head(fc_norm(state))")
+    if family == "torchvision":
+        heads = model.heads
+        return PoolingPath(model.encoder, _identity_read, heads, lambda seq: heads(seq[:, 0]),
+                            "torchvision: heads(state)")
+    if family == "hf":
+        if name == "CLIPVisionModel":
+            post = model.post_layernorm
+            return PoolingPath(model, _last_hidden, post, lambda seq: post(seq[:, 0]),
+                                "CLIP vision: post_layernorm(state) (the pooler output)")
+        backbone_name = "vision_model" if name == "CLIPForImageClassification" else model.base_model_prefix
+        backbone = getattr(model, backbone_name, None)
+        if backbone is None:
+            raise ValueError(f"cannot find the backbone of {name} ({backbone_name!r})")
+        if name == "DeiTForImageClassificationWithTeacher":
+            c, d = model.cls_classifier, model.distillation_classifier
+
+            def deit_head(state: Tensor) -> Tensor:
+                return (c(state) + d(state)) / 2
+
+            return PoolingPath(backbone, _last_hidden, deit_head,
+                                lambda seq: (c(seq[:, 0]) + d(seq[:, 1])) / 2,
+                                "HF DeiT with teacher: (cls_classifier(CLS) + distillation_classifier(DIST)) / 2")
+        classifier = getattr(model, "classifier", None)
+        if not isinstance(classifier, nn.Module):
+            raise ValueError(f"{name} has no classifier head to compare poolings with")
+        if name.startswith("Dinov2") and name.endswith("ForImageClassification"):
+
+            def concat_head(state: Tensor) -> Tensor:
+                return classifier(torch.cat([state, state], dim=-1))
+
+            return PoolingPath(backbone, _last_hidden, concat_head,
+                                lambda seq: concat_head(seq[:, 0]),
+                                "HF Dinov2: classifier([state, state]) (the model itself uses [CLS, mean])")
+        return PoolingPath(backbone, _last_hidden, classifier,
+                            lambda seq: classifier(seq[:, 0]), "HF: classifier(state)")
+    raise ValueError(
+        f"compare_pooling knows the heads of timm, Hugging Face and torchvision ViTs; "
+        f"{name} is a custom model ({family})"
+    )
+
+
+
+def _pooling_fields(model: nn.Module, family: str) -> dict[str, Any]:
+    try:
+        return {"pooling_path": _pooling_path(model, family), "pooling_path_error": None}
+    except ValueError as err:
+        return {"pooling_path": None, "pooling_path_error": str(err)}
+
+
+def _has_rotary(model: nn.Module) -> str | None:
+    """The class name of a rotary position-embedding module of ``model``, if any."""
+    for m in model.modules():
+        name = type(m).__name__.lower()
+        if "rope" in name or "rotary" in name:
+            return type(m).__name__
+    return None
+
+
 # ---------------------------------------------------------------------- detection
 def _unsupported_generic(model: nn.Module) -> UnsupportedModelError:
     name = type(model).__name__
@@ -604,6 +739,8 @@ def _adapt_timm(model: nn.Module) -> ViTAdapter | None:
         num_prefix_tokens=prefix,
         pooling=pooling,
         family="timm",
+        rotary=_has_rotary(model),
+        **_pooling_fields(model, "timm"),
         img_size=img_size,
         patch_embed=pe,
         token_module=getattr(model, "pos_drop", None),
@@ -669,6 +806,8 @@ def _adapt_hf(model: nn.Module) -> ViTAdapter | None:
         num_prefix_tokens=None,
         pooling=pooling,
         family="hf",
+        rotary=_has_rotary(model),
+        **_pooling_fields(model, "hf"),
         img_size=fixed,
         patch_embed=patch_embed,
         token_module=embeddings,
@@ -694,6 +833,8 @@ def _adapt_torchvision(model: nn.Module) -> ViTAdapter | None:
         num_prefix_tokens=1,
         pooling="cls",
         family="torchvision",
+        rotary=_has_rotary(model),
+        **_pooling_fields(model, "torchvision"),
         img_size=_pair(model.image_size),
         patch_embed=model.conv_proj,
         token_module=model.encoder.dropout,
@@ -714,6 +855,8 @@ def adapt(
     token_module: nn.Module | None = None,
     blocks: Sequence[nn.Module] | None = None,
     out_projections: Sequence[nn.Module] | None = None,
+    rotary: str | None = None,
+    pooling_path: PoolingPath | None = None,
 ) -> ViTAdapter:
     """Describe a Vision Transformer so that captum_vit can capture its attention.
 
@@ -750,6 +893,12 @@ def adapt(
             output projection (``nn.Linear`` taking the heads' outputs concatenated
             head by head), for head ablation. Detected for known families.
             Default: None
+        rotary (str, optional): the name of the model's rotary position embedding
+            (tokens then cannot be dropped), ``""`` for none. Default: None
+            (detected from the module class names)
+        pooling_path (PoolingPath, optional): the final token states and classifier
+            head, for :func:`captum_vit.compare_pooling`. Detected for known
+            families. Default: None
 
     Returns:
         ViTAdapter: the description used by every attribution class.
@@ -790,6 +939,12 @@ def adapt(
             num_prefix_tokens=num_prefix_tokens,
             pooling=pooling or "cls",
             family="custom",
+            rotary=_has_rotary(model) if rotary is None else (rotary or None),
+            pooling_path=pooling_path,
+            pooling_path_error=None if pooling_path is not None else (
+                f"{type(model).__name__} is a custom model: pass adapt(..., pooling_path=PoolingPath(...)) "
+                "to describe its final token states and head"
+            ),
             patch_embed=patch_embed,
             token_module=token_module,
             blocks=_checked_per_layer(blocks, len(modules), "blocks"),
@@ -816,6 +971,10 @@ def adapt(
         adapter.out_projections = _checked_per_layer(
             out_projections, adapter.num_layers, "out_projections"
         )
+    if rotary is not None:
+        adapter.rotary = rotary or None
+    if pooling_path is not None:
+        adapter.pooling_path, adapter.pooling_path_error = pooling_path, None
     return adapter
 
 

@@ -99,15 +99,13 @@ def check_mask(mask: Tensor, batch: int, grid: tuple[int, int]) -> Tensor:
 
 
 def _check_droppable(adapter: ViTAdapter) -> None:
-    for m in adapter.model.modules():
-        name = type(m).__name__.lower()
-        if "rope" in name or "rotary" in name:
-            raise ValueError(
-                f"replacement='drop' is not possible for {type(adapter.model).__name__}: its "
-                f"rotary position embeddings ({type(m).__name__}) are built for the full patch "
-                "grid inside the attention blocks, so tokens cannot be removed from the "
-                "sequence. Use replacement='zero' or 'mean'."
-            )
+    if not adapter.droppable:
+        raise ValueError(
+            f"replacement='drop' is not possible for {type(adapter.model).__name__}: its "
+            f"rotary position embeddings ({adapter.rotary}) are built for the full patch "
+            "grid inside the attention blocks, so tokens cannot be removed from the "
+            "sequence. Use replacement='zero' or 'mean'."
+        )
 
 
 def _patch_hook_output(out: Tensor, mask: Tensor, grid: tuple[int, int], replacement: str,

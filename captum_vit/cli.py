@@ -540,14 +540,17 @@ def _cmd_analyze(opts: argparse.Namespace) -> int:
         f"# SIFT patch interrelation ({len(paths)} image(s), model {opts.model})\n\n"
         f"Stages: {summary.stages}\n\n{summary.to_markdown()}\n"
     )
-    lines = ["layer,head,kk,nk,kn,nn,focus_index"]
-    for layer in range(summary.kk.shape[0]):
-        for head in range(summary.kk.shape[1]):
-            lines.append(
-                f"{layer},{head},{summary.kk[layer, head]:.6f},{summary.nk[layer, head]:.6f},"
-                f"{summary.kn[layer, head]:.6f},{summary.nn[layer, head]:.6f},{summary.focus_index[layer, head]:.6f}"
-            )
-    (out / "interrelation.csv").write_text("\n".join(lines) + "\n")
+    import csv
+
+    with open(out / "interrelation.csv", "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["layer", "head", "kk", "nk", "kn", "nn", "focus_index"])
+        for layer in range(summary.kk.shape[0]):
+            for head in range(summary.kk.shape[1]):
+                writer.writerow([layer, head] + [
+                    f"{float(v[layer, head]):.6f}"
+                    for v in (summary.kk, summary.nk, summary.kn, summary.nn, summary.focus_index)
+                ])
     (out / "summary.json").write_text(
         json.dumps(
             {"num_images": len(paths), "stages": {k: list(v) for k, v in summary.stages.as_dict().items()},

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,95 +36,6 @@ STRATEGIES: tuple[str, ...] = (
     "score_most",
     "score_least",
 )
-
-
-@dataclass
-class _PoolingPath:
-    """Where the final token states are read and how the head turns a state into scores."""
-
-    module: nn.Module
-    read: Callable[[Any], Tensor]
-    head: Callable[[Tensor], Tensor]
-    cls_head: Callable[[Tensor], Tensor]
-    description: str
-
-
-def _identity_read(out: Any) -> Tensor:
-    return out
-
-
-def _last_hidden(out: Any) -> Tensor:
-    value = getattr(out, "last_hidden_state", None)
-    if not isinstance(value, Tensor):
-        value = out[0]
-    return value
-
-
-def _pooling_path(adapter: ViTAdapter) -> _PoolingPath:
-    model: Any = adapter.model  # family-specific attributes (fc_norm, heads, classifier...)
-    name = type(model).__name__
-    if adapter.family == "timm":
-        if getattr(model, "attn_pool", None) is not None:
-            raise ValueError(
-                f"{name} pools with attention (global_pool='map'): it has no CLS state to compare"
-            )
-        fc_norm, head_drop, head = model.fc_norm, model.head_drop, model.head
-
-        def timm_head(state: Tensor) -> Tensor:
-            return head(head_drop(fc_norm(state)))
-
-        if name == "VisionTransformerDistilled":
-            head_dist = model.head_dist
-
-            def dist_head(state: Tensor) -> Tensor:
-                return (head(head_drop(state)) + head_dist(head_drop(state))) / 2
-
-            def dist_cls(seq: Tensor) -> Tensor:
-                return (head(head_drop(seq[:, 0])) + head_dist(head_drop(seq[:, 1]))) / 2
-
-            return _PoolingPath(model.norm, _identity_read, dist_head, dist_cls,
-                                "timm distilled: (head(CLS) + head_dist(DIST)) / 2")
-        return _PoolingPath(model.norm, _identity_read, timm_head,
-                            lambda seq: timm_head(seq[:, 0]), "timm: head(fc_norm(state))")
-    if adapter.family == "torchvision":
-        heads = model.heads
-        return _PoolingPath(model.encoder, _identity_read, heads, lambda seq: heads(seq[:, 0]),
-                            "torchvision: heads(state)")
-    if adapter.family == "hf":
-        if name == "CLIPVisionModel":
-            post = model.post_layernorm
-            return _PoolingPath(model, _last_hidden, post, lambda seq: post(seq[:, 0]),
-                                "CLIP vision: post_layernorm(state) (the pooler output)")
-        backbone_name = "vision_model" if name == "CLIPForImageClassification" else model.base_model_prefix
-        backbone = getattr(model, backbone_name, None)
-        if backbone is None:
-            raise ValueError(f"cannot find the backbone of {name} ({backbone_name!r})")
-        if name == "DeiTForImageClassificationWithTeacher":
-            c, d = model.cls_classifier, model.distillation_classifier
-
-            def deit_head(state: Tensor) -> Tensor:
-                return (c(state) + d(state)) / 2
-
-            return _PoolingPath(backbone, _last_hidden, deit_head,
-                                lambda seq: (c(seq[:, 0]) + d(seq[:, 1])) / 2,
-                                "HF DeiT with teacher: (cls_classifier(CLS) + distillation_classifier(DIST)) / 2")
-        classifier = getattr(model, "classifier", None)
-        if not isinstance(classifier, nn.Module):
-            raise ValueError(f"{name} has no classifier head to compare poolings with")
-        if name.startswith("Dinov2") and name.endswith("ForImageClassification"):
-
-            def concat_head(state: Tensor) -> Tensor:
-                return classifier(torch.cat([state, state], dim=-1))
-
-            return _PoolingPath(backbone, _last_hidden, concat_head,
-                                lambda seq: concat_head(seq[:, 0]),
-                                "HF Dinov2: classifier([state, state]) (the model itself uses [CLS, mean])")
-        return _PoolingPath(backbone, _last_hidden, classifier,
-                            lambda seq: classifier(seq[:, 0]), "HF: classifier(state)")
-    raise ValueError(
-        f"compare_pooling knows the heads of timm, Hugging Face and torchvision ViTs; "
-        f"{name} is a custom model ({adapter.family})"
-    )
 
 
 def compare_pooling(
@@ -177,7 +88,9 @@ def compare_pooling(
     adapter = resolve_adapter(model, adapter)
     x, _ = _unpack_inputs(inputs)
     adapter.check_inputs(x)
-    path = _pooling_path(adapter)
+    path = adapter.pooling_path
+    if path is None:
+        raise ValueError(adapter.pooling_path_error or f"{type(model).__name__}: no classifier head to compare poolings with")
     seen: list[Tensor] = []
 
     def hook(_m: nn.Module, _args: Any, out: Any) -> None:
