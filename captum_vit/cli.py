@@ -199,11 +199,10 @@ def _explainers(
         "unnormalize": (transform.mean, transform.std),
     }
     options = {k: v for k, v in options.items() if v is not None}
-    out: dict[str, Explain] = {}
-    for name in names:
-        run = METHODS[name].build(model, adapter, options)
-        out[name] = lambda x, t, run=run: run(x, t, torch.arange(x.shape[0]))
-    return out
+    def bound(run: Any) -> Explain:
+        return lambda x, t: run(x, t, torch.arange(x.shape[0]))
+
+    return {name: bound(METHODS[name].build(model, adapter, options)) for name in names}
 
 
 def _add_method_options(p: argparse.ArgumentParser, *, window: int = 1, stride: int | None = None) -> None:
