@@ -36,21 +36,17 @@ from networkx.algorithms.flow import edmonds_karp, preflow_push
 from torch import nn
 
 from captum_vit import AttentionFlow, AttentionRollout
+from captum_vit.models import load_default
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _load_model(random: bool) -> nn.Module:
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    weights = ASSETS / "models" / "deit_tiny_patch16_224.fp16.safetensors"
-    if not random:
-        import safetensors.torch
-
-        state = safetensors.torch.load_file(str(weights))
-        model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.eval()
+    if random:
+        return timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    model, _, _ = load_default()
+    return model
 
 
 def _images(model: nn.Module, count: int) -> torch.Tensor:

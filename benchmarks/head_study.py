@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import timm
 import torch
 from matplotlib.figure import Figure
@@ -27,10 +26,10 @@ from scipy.stats import spearmanr
 from skimage import data
 
 from captum_vit import head_importance, region_probe
+from captum_vit.models import load_default
 from captum_vit.viz import plot_head_bars, plot_head_importance, plot_region_probe
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT.parent / "shared" / "assets" / "models" / "deit_tiny_patch16_224.fp16.safetensors"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -41,10 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    state = safetensors.torch.load_file(str(WEIGHTS))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    model.eval()
+    model, _, _ = load_default()
     cfg = timm.data.resolve_data_config({}, model=model)
     transform = timm.data.create_transform(**cfg)
     pil = Image.fromarray(data.chelsea())

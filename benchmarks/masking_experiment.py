@@ -21,7 +21,6 @@ import csv
 import time
 from pathlib import Path
 
-import safetensors.torch
 import timm
 import timm.data
 import torch
@@ -31,16 +30,14 @@ from torch import nn
 
 import captum_vit
 from captum_vit.masking import center_mask, random_mask
+from captum_vit.models import load_default
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
 
 
 def load_deit() -> tuple[nn.Module, object]:
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    state = safetensors.torch.load_file(str(ASSETS / "models" / "deit_tiny_patch16_224.fp16.safetensors"))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    model.eval()
+    model, _, _ = load_default()
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     return model, transform
 

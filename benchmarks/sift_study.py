@@ -30,13 +30,10 @@ ASSETS = ROOT.parent / "shared" / "assets"
 
 
 def _load_model() -> torch.nn.Module:
-    import safetensors.torch
-    import timm
+    from captum_vit.models import load_default
 
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    state = safetensors.torch.load_file(str(ASSETS / "models" / "deit_tiny_patch16_224.fp16.safetensors"))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.eval()
+    model, _, _ = load_default()
+    return model
 
 
 def _batches(

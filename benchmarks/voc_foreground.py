@@ -26,13 +26,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import timm
 import torch
 from PIL import Image
 
 from captum_vit import AttentionFlow, AttentionRollout, GradientRollout, ViTGradCam
 from captum_vit.metrics import align_mask, foreground_fraction
+from captum_vit.models import load_default
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -46,10 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False)
-    state = safetensors.torch.load_file(str(ASSETS / "models" / "deit_tiny_patch16_224.fp16.safetensors"))
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    model.eval()
+    model, _, _ = load_default()
     cfg = timm.data.resolve_data_config({}, model=model)
     transform = timm.data.create_transform(**cfg)
 
