@@ -631,11 +631,14 @@ def _pooling_path(model: Any, family: str) -> PoolingPath:
 
 
 
-def _pooling_fields(model: nn.Module, family: str) -> dict[str, Any]:
+def _family_fields(model: nn.Module, family: str) -> dict[str, Any]:
+    """The family-derived :class:`ViTAdapter` fields: head path and rotary embedding."""
+    fields: dict[str, Any] = {"rotary": _has_rotary(model)}
     try:
-        return {"pooling_path": _pooling_path(model, family), "pooling_path_error": None}
+        fields.update(pooling_path=_pooling_path(model, family), pooling_path_error=None)
     except ValueError as err:
-        return {"pooling_path": None, "pooling_path_error": str(err)}
+        fields.update(pooling_path=None, pooling_path_error=str(err))
+    return fields
 
 
 def _has_rotary(model: nn.Module) -> str | None:
@@ -739,8 +742,7 @@ def _adapt_timm(model: nn.Module) -> ViTAdapter | None:
         num_prefix_tokens=prefix,
         pooling=pooling,
         family="timm",
-        rotary=_has_rotary(model),
-        **_pooling_fields(model, "timm"),
+        **_family_fields(model, "timm"),
         img_size=img_size,
         patch_embed=pe,
         token_module=getattr(model, "pos_drop", None),
@@ -806,8 +808,7 @@ def _adapt_hf(model: nn.Module) -> ViTAdapter | None:
         num_prefix_tokens=None,
         pooling=pooling,
         family="hf",
-        rotary=_has_rotary(model),
-        **_pooling_fields(model, "hf"),
+        **_family_fields(model, "hf"),
         img_size=fixed,
         patch_embed=patch_embed,
         token_module=embeddings,
@@ -833,8 +834,7 @@ def _adapt_torchvision(model: nn.Module) -> ViTAdapter | None:
         num_prefix_tokens=1,
         pooling="cls",
         family="torchvision",
-        rotary=_has_rotary(model),
-        **_pooling_fields(model, "torchvision"),
+        **_family_fields(model, "torchvision"),
         img_size=_pair(model.image_size),
         patch_embed=model.conv_proj,
         token_module=model.encoder.dropout,

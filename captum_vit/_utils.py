@@ -124,3 +124,14 @@ def _weighted_rows(weights: Tensor, matrix: Tensor) -> Tensor:
     """``Σ_n w_n · matrix[..., n, :]``: the query-weighted row of a ``(..., N, N)``
     matrix, float32, shape ``(..., N)`` (``weights`` ``(N,)``, moved to its device)."""
     return torch.einsum("n,...nm->...m", weights.to(matrix.device), matrix.float())
+
+
+def _single_tensor(value: Any, name: str = "attributions") -> Tensor:
+    """A tensor, or the tensor of a 1-tuple (Captum's tuple outputs); else one clear error."""
+    if isinstance(value, tuple):
+        if len(value) != 1:
+            raise ValueError(f"{name}: expected a tensor or a 1-tuple, got a tuple of {len(value)}")
+        value = value[0]
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+    return value

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ._capture import ViTAdapter, resolve_adapter
 from ._token_masking import check_replacement, masked_forward
-from ._utils import TargetType, _forward_args, _resolve_target, _unpack_inputs
+from ._utils import TargetType, _forward_args, _resolve_target, _single_tensor, _unpack_inputs
 from .masking import mask_count
 
 __all__ = [
@@ -61,13 +61,7 @@ _METRICS = ("accuracy", "probability")
 # ---------------------------------------------------------------------- input checks
 def _as_maps(attributions: Tensor | tuple[Tensor, ...], name: str = "attributions") -> Tensor:
     """Attributions -> float ``(B, h, w)`` (channels averaged)."""
-    if isinstance(attributions, tuple):
-        if len(attributions) != 1:
-            raise ValueError(f"{name}: expected a tensor or a 1-tuple, got a tuple of {len(attributions)}")
-        attributions = attributions[0]
-    if not isinstance(attributions, Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(attributions).__name__}")
-    a = attributions.detach()
+    a = _single_tensor(attributions, name).detach()
     if a.ndim == 4:
         a = a.float().mean(dim=1)
     elif a.ndim == 3:

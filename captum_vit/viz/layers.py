@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from .._utils import _single_tensor
 from .overlay import image_to_array, overlay_array
 
 __all__ = [
@@ -270,12 +271,7 @@ def rollout_statistics(attributions: Any) -> dict[str, Tensor]:
         >>> stats = rollout_statistics(AttentionRollout(model).attribute(x))
         >>> stats["max"], stats["mean"]
     """
-    if isinstance(attributions, tuple):
-        if len(attributions) != 1:
-            raise ValueError(f"expected one attribution tensor, got a tuple of {len(attributions)}")
-        attributions = attributions[0]
-    if not isinstance(attributions, Tensor):
-        raise TypeError(f"attributions must be a tensor, got {type(attributions).__name__}")
+    attributions = _single_tensor(attributions)
     if attributions.ndim < 2:
         raise ValueError(f"attributions must be batched (B, ...), got shape {tuple(attributions.shape)}")
     flat = attributions.detach().float().flatten(1)

@@ -7,6 +7,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ..robustness import MaskingSweepResult
+from .overlay import _figure_of
 
 __all__ = ["plot_masking_sweep"]
 
@@ -51,10 +52,7 @@ def plot_masking_sweep(
         fig = Figure(figsize=(5.5, 3.8), layout="constrained")
         ax = fig.add_subplot()
     else:
-        root = ax.get_figure(root=True)
-        if not isinstance(root, Figure):
-            raise ValueError("ax is not attached to a figure")
-        fig = root
+        fig = _figure_of(ax)
     for i, strategy in enumerate(result.strategies):
         ax.plot(
             result.actual_ratio[i].tolist(), values[i].tolist(), marker="o", ms=4, label=strategy

@@ -276,10 +276,7 @@ def overlay(
         fig = Figure(figsize=(4.2 * w / h + (0.8 if colorbar else 0.0), 4.2), layout="constrained")
         ax = fig.add_subplot()
     else:
-        root = ax.get_figure(root=True)
-        if not isinstance(root, Figure):
-            raise ValueError("ax is not attached to a figure")
-        fig = root
+        fig = _figure_of(ax)
     ax.imshow(pixels)
     ax.set_axis_off()
     if title:
@@ -291,3 +288,11 @@ def overlay(
         bar.set_label(f"{normalize} scaled (raw {raw.min():.3g} … {raw.max():.3g})", fontsize=8)
         bar.ax.tick_params(labelsize=7)
     return fig
+
+
+def _figure_of(ax: Any) -> Figure:
+    """The figure an ``Axes`` belongs to (for plots drawn into a caller's axes)."""
+    root = ax.get_figure(root=True)
+    if not isinstance(root, Figure):
+        raise ValueError("ax is not attached to a figure")
+    return root
