@@ -182,3 +182,18 @@ def test_custom_adapter_fields() -> None:
     custom = captum_vit.adapt(model, attention_modules=modules, patch_size=16, rotary="MyRope")
     assert not custom.droppable and custom.pooling_path is None and custom.pooling_path_error
     assert captum_vit.adapt(model, rotary="").droppable
+
+
+def test_every_entry_runs_with_cli_options() -> None:
+    """Each registry entry takes the command line's option mapping and gives a patch grid."""
+    model, size = make_model("timm_vit")
+    adapter = captum_vit.adapt(model)
+    x = torch.randn(2, 3, size, size)
+    grid = adapter.grid_size(x)
+    options = {"layer": -1, "discard_ratio": 0.0, "window": 1, "perturbations_per_eval": 4,
+               "show_progress": False, "gamma": 1.0, "unnormalize": ((0.5,) * 3, (0.5,) * 3)}
+    t = torch.tensor([0, 1])
+    for name, entry in registry.METHODS.items():
+        out = entry.build(model, adapter, options)(x, t, torch.arange(2))
+        assert out.shape == (2, 1, *grid), name
+        assert torch.isfinite(out).all(), name
