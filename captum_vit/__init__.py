@@ -1,7 +1,7 @@
 """captum_vit: explain Vision Transformers as first-class Captum attributions."""
 
 from . import metrics as metrics  # captum_vit.metrics after `import captum_vit`
-from ._capture import TokenLayout, UnsupportedModelError, ViTAdapter, adapt
+from ._capture import PoolingPath, TokenLayout, UnsupportedModelError, ViTAdapter, adapt
 from .attr import (
     AttentionFlow,
     AttentionRollout,
@@ -25,6 +25,7 @@ __all__ = [
     "InterrelationResult",
     "MaskingSweepResult",
     "PatchOcclusion",
+    "PoolingPath",
     "RawAttention",
     "RegionProbe",
     "SiftInterrelation",

@@ -8,7 +8,12 @@ and torchvision.
 * the patch size and hence the patch grid of any input the model accepts,
 * which token rows the model's head pools (the *query rows* of every map),
 * where the patch embeddings and the full token sequence can be reached (used by
-  token-level masking).
+  token-level masking), and whether tokens can be dropped (no rotary embedding),
+* where the final token states are read and how the classifier head scores them
+  (``pooling_path``, used by :func:`captum_vit.compare_pooling`).
+
+No other module of captum_vit tests a model's class, class name or family: what they
+need is a field of :class:`ViTAdapter`.
 
 :meth:`ViTAdapter.capture` is a context manager that records the attention of each
 layer while the model runs. It switches timm's fused attention off and Hugging Face's

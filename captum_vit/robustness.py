@@ -67,7 +67,9 @@ def compare_pooling(
     and ``"cls"`` puts the CLS state of the same tensor through the classifier.
     ``CLIPVisionModel`` has no classifier: its "head" is ``post_layernorm`` and
     ``"cls"`` equals its ``pooler_output``. Models with attention pooling (timm
-    ``global_pool="map"``) or without prefix tokens raise ``ValueError``.
+    ``global_pool="map"``) or without prefix tokens raise ``ValueError``. The head
+    comes from the adapter's ``pooling_path`` (for a custom model pass
+    ``captum_vit.adapt(model, ..., pooling_path=captum_vit.PoolingPath(...))``).
 
     Args:
         model (nn.Module): a timm, Hugging Face or torchvision ViT classifier.
@@ -274,8 +276,6 @@ def masking_sweep(
             )
     rollout = None
     if any(s.startswith("rollout_") for s in strategies):
-
-
         rollout = AttentionRollout(model, adapter=adapter)
 
     # Random masks for all images, one generator stream per ratio: independent of batching.
