@@ -17,14 +17,20 @@ need is a field of :class:`ViTAdapter`.
 
 :meth:`ViTAdapter.capture` is a context manager that records the attention of each
 layer while the model runs. It switches timm's fused attention off and Hugging Face's
-attention implementation to ``"eager"`` only for its duration, and in ``finally``
-removes every hook and restores every flag, also when the forward pass raises.
+attention implementation to eager only for its duration and only for the thread that
+opened it; its changes to the model are shared and reference-counted, so many threads
+may capture the same model at once, and the last one to leave removes every hook and
+restores every flag, also when the forward pass raises (see the section
+"thread-dispatched patches" below for the mechanism other methods reuse).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -92,9 +98,17 @@ class StopForward(BaseException):
     """Raised by a capture hook to end the forward pass once ``stop_after`` has run.
 
     Derives from ``BaseException`` so that ``except Exception`` blocks inside a
-    model's forward do not swallow it; whoever passes ``stop_after`` to
-    :meth:`ViTAdapter.capture` catches it around the forward call.
+    model's forward do not swallow it. It is raised only in the thread whose
+    capture passed ``stop_after`` and is swallowed by that capture when it leaves
+    its ``with`` block (or earlier by a caller catching it around the forward call).
+
+    Attributes:
+        recorder (AttentionRecorder | None): the recorder that asked for the stop.
     """
+
+    def __init__(self, recorder: AttentionRecorder | None = None) -> None:
+        super().__init__("forward pass stopped after the last needed attention layer")
+        self.recorder = recorder
 
 
 class AttentionRecorder:
@@ -136,7 +150,7 @@ class AttentionRecorder:
         if self._on_attention is not None:
             self._on_attention(layer, attn)
         if self._stop_after is not None and layer == self._stop_after:
-            raise StopForward
+            raise StopForward(self)
 
     def kept(self) -> list[Tensor]:
         """The recorded attention of every layer; raises if a layer did not run."""
@@ -360,6 +374,37 @@ class ViTAdapter:
     ) -> Iterator[AttentionRecorder]:
         """Record every layer's attention probabilities while the model runs.
 
+        Only forward passes run *by the thread that opened the capture* are recorded
+        and altered. The mechanism, shared by every method and by every thread that
+        uses the same model:
+
+        * Everything a capture changes on the model (timm's ``fused_attn`` flags,
+          Hugging Face's attention implementation, the forward hooks on the
+          attention modules, torchvision's patched ``nn.MultiheadAttention``
+          forward) is installed once per module and shared, under one re-entrant
+          lock with a reference count: the first capture open on a module installs
+          it, the last one to close removes it and restores the exact previous
+          state (also when the forward pass raises).
+        * The installed hooks, patched forwards and flags dispatch on the current
+          thread: they act for the innermost capture open on *this* thread and are
+          inert for every other thread. ``fused_attn`` is replaced by a flag whose
+          truth value is ``False`` only in capturing threads; Hugging Face modules
+          read a dispatching attention function that runs the eager kernel only in
+          capturing threads and the model's own implementation otherwise. A plain
+          ``model(x)`` from another thread while a capture is open therefore runs
+          exactly the unmodified model (same kernels, same logits) and records
+          nothing.
+        * Captures nest: on one thread the innermost open capture records; the
+          outer one records again once the inner one has closed.
+        * :class:`StopForward` is raised only in the thread whose capture asked
+          for it (``stop_after``) and is swallowed when it leaves this ``with``
+          block, so it never reaches a caller.
+
+        Other parts of captum_vit (Grad-CAM's block hook, head and token masking)
+        and new methods install their own hooks and forward patches through the
+        same mechanism: :func:`_thread_forward_hook`, :func:`_thread_forward_pre_hook`,
+        :func:`_thread_forward` and :func:`_thread_flag` in this module.
+
         Args:
             keep (bool, optional): keep each layer's tensor in
                 ``recorder.attentions`` (needed for gradients). Default: True
@@ -370,11 +415,19 @@ class ViTAdapter:
                 the model is in eval mode). Default: True
             stop_after (int, optional): raise :class:`StopForward` right after this
                 layer's attention is recorded, ending the forward pass early (for
-                methods that need no output scores); the caller catches it.
+                methods that need no output scores). The capture swallows it when it
+                leaves the ``with`` block (statements after the forward call inside
+                the block are skipped; catch it around the call to continue).
                 Default: None
 
         Yields:
-            AttentionRecorder: filled during forward passes inside the block.
+            AttentionRecorder: filled during forward passes run by this thread
+            inside the block.
+
+        Raises:
+            UnsupportedModelError: when an ``nn.MultiheadAttention`` layer is called
+                as cross-attention (key or value different from the query) or with
+                attention masks.
 
         Example::
 
@@ -391,25 +444,41 @@ class ViTAdapter:
         )
         with contextlib.ExitStack() as stack:
             if self._capture_kind == "timm":
-                stack.enter_context(_timm_unfused(self.model))
+                for m in self.model.modules():
+                    if isinstance(getattr(m, "fused_attn", None), (bool, _ThreadFlag)):
+                        stack.enter_context(_thread_flag(m, "fused_attn", False))
             elif self._capture_kind == "hf":
-                stack.enter_context(_hf_eager(self.attention_modules))
+                per_thread = _hf_has_eager(self.attention_modules)
+                for cfg in _hf_configs(self.attention_modules):
+                    stack.enter_context(_hf_thread_eager(cfg, per_thread=per_thread))
             for layer, module in enumerate(self.attention_modules):
                 stack.enter_context(self._hook_layer(layer, module, recorder))
-            yield recorder
+            try:
+                yield recorder
+            except StopForward as stop:
+                if stop.recorder is not recorder:
+                    raise
 
     def _hook_layer(
         self, layer: int, module: nn.Module, recorder: AttentionRecorder
-    ) -> contextlib.AbstractContextManager[None]:
+    ) -> contextlib.AbstractContextManager[_Slot]:
         if self._capture_kind == "timm":
             target = module.get_submodule("attn_drop")
-            return _forward_hook(target, lambda out: _record(recorder, layer, out, target))
+
+            def timm_hook(m: nn.Module, _args: Any, out: Any) -> None:
+                _record(recorder, layer, out, m)
+
+            return _thread_forward_hook(target, timm_hook, channel="capture")
         if self._capture_kind == "torchvision":
-            return _torchvision_mha_patch(module, lambda attn: _record(recorder, layer, attn, module))
+            return _torchvision_mha_patch(
+                module, lambda attn: _record(recorder, layer, attn, module), layer
+            )
+
         # hf and custom: the module's output (or its second item) is the attention.
-        return _forward_hook(
-            module, lambda out: _record(recorder, layer, _second_if_tuple(out, layer), module)
-        )
+        def output_hook(m: nn.Module, _args: Any, out: Any) -> None:
+            _record(recorder, layer, _second_if_tuple(out, layer), m)
+
+        return _thread_forward_hook(module, output_hook, channel="capture")
 
 
 def _second_if_tuple(out: Any, layer: int) -> Any:
@@ -428,61 +497,308 @@ def _record(recorder: AttentionRecorder, layer: int, attn: Any, module: nn.Modul
     recorder.record(layer, attn, check_rows=not module.training)
 
 
-@contextlib.contextmanager
-def _forward_hook(module: nn.Module, fn: Callable[[Any], None]) -> Iterator[None]:
-    def hook(_m: nn.Module, _args: Any, out: Any) -> None:
-        fn(out)
+# ------------------------------------------------------- thread-dispatched patches
+#
+# How captum_vit changes a model that other threads may be using at the same time.
+#
+# Every change (a forward hook, a pre-hook, a replaced ``forward``, a flag) lives in a
+# *slot* keyed by (object, kind, channel). The first context that needs a slot
+# installs the change on the object; later ones only push their value onto their own
+# thread's stack in the slot; the last one to leave undoes the change exactly. The
+# installed hook / forward / flag reads the innermost value pushed by the *calling*
+# thread and does nothing (plain behaviour) for threads that pushed none. Bookkeeping
+# runs under one re-entrant lock; the dispatch on the forward path takes no lock (it
+# reads a dict entry only the calling thread writes). Slots exist only while some
+# context holds them, so a model that no capture is using carries nothing of ours.
+#
+# A new method (e.g. an LRP rule set) uses the same helpers:
+#
+#     with contextlib.ExitStack() as stack:
+#         stack.enter_context(_thread_forward(ln, my_layernorm_forward))
+#         stack.enter_context(_thread_forward_hook(block, my_hook, channel="lrp"))
+#         ...  # run the model on this thread
+#
+# Hooks on one module with different channels all run; within one channel only the
+# innermost context of the calling thread runs. ``_thread_forward`` has a single
+# channel per module: the innermost replacement of the calling thread is used.
 
-    handle = module.register_forward_hook(hook)
+_LOCK = threading.RLock()
+_SLOTS: dict[tuple[int, str, str], _Slot] = {}
+_NOTHING: Any = object()
+
+
+class _Slot:
+    """One shared change on one object, with each thread's stack of values."""
+
+    __slots__ = ("data", "owner", "refcount", "stacks", "undo")
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner  # kept alive while installed; dropped with the slot
+        self.refcount = 0
+        self.stacks: dict[int, list[list[Any]]] = {}
+        self.undo: Callable[[], None] = _do_nothing
+        self.data: Any = None
+
+    def current(self, default: Any = None) -> Any:
+        """The innermost value pushed by the calling thread, else ``default``."""
+        stack = self.stacks.get(threading.get_ident())
+        return stack[-1][0] if stack else default
+
+
+def _do_nothing() -> None:
+    return None
+
+
+def _slots_in_use() -> int:
+    """How many shared changes are installed right now (0 when nothing is open)."""
+    with _LOCK:
+        return len(_SLOTS)
+
+
+@contextlib.contextmanager
+def _thread_slot(
+    owner: Any, kind: str, channel: str, value: Any, install: Callable[[_Slot], Callable[[], None]]
+) -> Iterator[_Slot]:
+    """Push ``value`` for the calling thread on the slot (installing it if new)."""
+    key = (id(owner), kind, channel)
+    ident = threading.get_ident()
+    box = [value]  # a fresh object per context: popped by identity
+    with _LOCK:
+        slot = _SLOTS.get(key)
+        if slot is None:
+            slot = _Slot(owner)
+            slot.undo = install(slot)
+            _SLOTS[key] = slot
+        slot.refcount += 1
+        slot.stacks.setdefault(ident, []).append(box)
     try:
-        yield
+        yield slot
     finally:
-        handle.remove()
+        with _LOCK:
+            stack = slot.stacks[ident]
+            for i in range(len(stack) - 1, -1, -1):
+                if stack[i] is box:
+                    del stack[i]
+                    break
+            if not stack:
+                del slot.stacks[ident]
+            slot.refcount -= 1
+            if slot.refcount == 0:
+                del _SLOTS[key]
+                slot.owner = None
+                slot.undo()
 
 
-@contextlib.contextmanager
-def _timm_unfused(model: nn.Module) -> Iterator[None]:
-    """Turn ``fused_attn`` off on every timm attention module; restore in finally."""
-    saved: list[tuple[nn.Module, bool]] = []
-    try:
-        for m in model.modules():
-            flag = getattr(m, "fused_attn", None)
-            if isinstance(flag, bool):
-                saved.append((m, flag))
-                setattr(m, "fused_attn", False)  # noqa: B010 - typed as Final in timm
-        yield
-    finally:
-        for m, flag in saved:
-            setattr(m, "fused_attn", flag)  # noqa: B010
+ForwardHook = Callable[[nn.Module, Any, Any], Any]
+ForwardPreHook = Callable[[nn.Module, Any], Any]
 
 
-@contextlib.contextmanager
-def _hf_eager(attention_modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Switch the configs read by HF attention modules to eager attention; restore."""
+def _thread_forward_hook(
+    module: nn.Module, hook: ForwardHook, *, channel: str
+) -> contextlib.AbstractContextManager[_Slot]:
+    """A forward hook ``hook(module, args, output)`` that runs only for this thread.
+
+    While the context is open, forward passes of ``module`` run by the calling thread
+    call ``hook`` (a non-``None`` return value replaces the output, as in PyTorch);
+    other threads are not affected. Nested contexts on one thread with the same
+    ``channel`` replace each other (innermost wins).
+    """
+
+    def install(slot: _Slot) -> Callable[[], None]:
+        def dispatch(m: nn.Module, args: Any, out: Any) -> Any:
+            fn = slot.current()
+            return None if fn is None else fn(m, args, out)
+
+        return module.register_forward_hook(dispatch).remove
+
+    return _thread_slot(module, "forward_hook", channel, hook, install)
+
+
+def _thread_forward_pre_hook(
+    module: nn.Module, hook: ForwardPreHook, *, channel: str
+) -> contextlib.AbstractContextManager[_Slot]:
+    """A forward pre-hook ``hook(module, args)`` that runs only for this thread.
+
+    Same rules as :func:`_thread_forward_hook`; a non-``None`` return value replaces
+    the positional arguments.
+    """
+
+    def install(slot: _Slot) -> Callable[[], None]:
+        def dispatch(m: nn.Module, args: Any) -> Any:
+            fn = slot.current()
+            return None if fn is None else fn(m, args)
+
+        return module.register_forward_pre_hook(dispatch).remove
+
+    return _thread_slot(module, "forward_pre_hook", channel, hook, install)
+
+
+def _thread_forward(
+    module: nn.Module, forward: Callable[..., Any]
+) -> contextlib.AbstractContextManager[_Slot]:
+    """Replace ``module.forward`` with ``forward`` for the calling thread only.
+
+    ``forward`` is called with the module's arguments (not with ``module``); other
+    threads run the module's own forward. While installed, ``module.__dict__``
+    holds a dispatching ``forward``; on the last exit the previous state (no
+    instance ``forward``, or the one the user had set) is restored.
+    """
+
+    def install(slot: _Slot) -> Callable[[], None]:
+        had_own = "forward" in module.__dict__
+        previous = module.__dict__.get("forward")
+        cls_forward = type(module).forward
+        ref = weakref.ref(module)
+
+        def dispatch(*args: Any, **kwargs: Any) -> Any:
+            fn = slot.current()
+            if fn is not None:
+                return fn(*args, **kwargs)
+            if had_own:
+                return previous(*args, **kwargs)  # type: ignore[misc]
+            return cls_forward(ref(), *args, **kwargs)
+
+        module.forward = dispatch  # type: ignore[method-assign]
+
+        def undo() -> None:
+            if had_own:
+                module.forward = previous  # type: ignore[method-assign,assignment]
+            else:
+                del module.forward
+
+        return undo
+
+    return _thread_slot(module, "forward", "", forward, install)
+
+
+class _ThreadFlag:
+    """A stand-in for a bool attribute whose truth value depends on the thread.
+
+    ``bool(flag)`` is the innermost value set by the calling thread through
+    :func:`_thread_flag`, or the attribute's original value for other threads.
+    """
+
+    __slots__ = ("_original", "_slot")
+
+    def __init__(self, slot: _Slot, original: bool) -> None:
+        self._slot = slot
+        self._original = original
+
+    def __bool__(self) -> bool:
+        return bool(self._slot.current(self._original))
+
+    def __repr__(self) -> str:
+        return f"_ThreadFlag(original={self._original}, this_thread={bool(self)})"
+
+
+def _thread_flag(module: nn.Module, name: str, value: bool) -> contextlib.AbstractContextManager[_Slot]:
+    """Make ``bool(module.<name>)`` equal ``value`` for the calling thread only.
+
+    For boolean switches a module tests by truth value (timm's ``fused_attn``).
+    The original attribute (instance or class level) is restored exactly on the
+    last exit.
+    """
+
+    def install(slot: _Slot) -> Callable[[], None]:
+        had_own = name in module.__dict__
+        previous = module.__dict__.get(name)
+        object.__setattr__(module, name, _ThreadFlag(slot, bool(getattr(module, name))))
+
+        def undo() -> None:
+            if had_own:
+                object.__setattr__(module, name, previous)
+            else:
+                object.__delattr__(module, name)
+
+        return undo
+
+    return _thread_slot(module, "flag", name, value, install)
+
+
+def _hf_configs(attention_modules: Sequence[nn.Module]) -> list[Any]:
+    """The distinct configs read by Hugging Face attention modules."""
     configs: dict[int, Any] = {}
     for m in attention_modules:
         cfg = getattr(m, "config", None)
         if cfg is not None and hasattr(cfg, "_attn_implementation_internal"):
-            configs[id(cfg)] = cfg
-    saved = [(cfg, cfg._attn_implementation_internal) for cfg in configs.values()]
-    try:
-        for cfg, _ in saved:
-            cfg._attn_implementation_internal = "eager"
-        yield
-    finally:
-        for cfg, value in saved:
-            cfg._attn_implementation_internal = value
+            configs.setdefault(id(cfg), cfg)
+    return list(configs.values())
 
 
-@contextlib.contextmanager
-def _torchvision_mha_patch(mha: nn.Module, fn: Callable[[Tensor], None]) -> Iterator[None]:
-    """Run a torchvision ``nn.MultiheadAttention`` through an explicit implementation.
+#: The key under which captum_vit registers its dispatching attention function with
+#: Hugging Face's ``AttentionInterface``.
+_HF_DISPATCH = "captum_vit_thread_dispatch"
+_HF_REGISTERED = False
+
+
+def _hf_dispatch_attention(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Eager attention for capturing threads, the model's own kernel for others."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    cfg = getattr(module, "config", None)
+    slot = _SLOTS.get((id(cfg), "hf_attn", ""))
+    if slot is not None:
+        original = slot.data
+        eager_here = bool(slot.current(False))
+    else:  # the slot was removed between the module's lookup and this call
+        original = getattr(cfg, "_attn_implementation_internal", "eager")
+        eager_here = False
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    if eager_here or original in (None, "eager", _HF_DISPATCH):
+        return eager(module, *args, **kwargs)
+    return ALL_ATTENTION_FUNCTIONS.get_interface(original, eager)(module, *args, **kwargs)
+
+
+def _hf_thread_eager(config: Any, *, per_thread: bool = True) -> contextlib.AbstractContextManager[_Slot]:
+    """Run Hugging Face attention eagerly (probabilities returned) for this thread only.
+
+    With ``per_thread=False`` (modules whose code has no ``eager_attention_forward``
+    to dispatch to) the config is switched to ``"eager"`` for every thread while any
+    capture is open, and restored on the last exit.
+    """
+
+    def install(slot: _Slot) -> Callable[[], None]:
+        global _HF_REGISTERED
+        from transformers.modeling_utils import AttentionInterface
+
+        original = config._attn_implementation_internal
+        slot.data = original
+        if per_thread and not _HF_REGISTERED:
+            AttentionInterface.register(_HF_DISPATCH, _hf_dispatch_attention)
+            _HF_REGISTERED = True
+        config._attn_implementation_internal = _HF_DISPATCH if per_thread else "eager"
+
+        def undo() -> None:
+            config._attn_implementation_internal = original
+
+        return undo
+
+    return _thread_slot(config, "hf_attn", "", True, install)
+
+
+def _hf_has_eager(attention_modules: Sequence[nn.Module]) -> bool:
+    return all(
+        callable(getattr(sys.modules.get(type(m).__module__), "eager_attention_forward", None))
+        for m in attention_modules
+    )
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b)))
+
+
+def _torchvision_mha_patch(
+    mha: nn.Module, fn: Callable[[Tensor], None], layer: int = 0
+) -> contextlib.AbstractContextManager[_Slot]:
+    """Run an ``nn.MultiheadAttention`` through an explicit implementation (this thread).
 
     ``nn.MultiheadAttention`` returns a *view* of its probabilities that is not on the
     autograd path of its output, so gradients w.r.t. it cannot be taken. For the
-    duration of the capture the instance's ``forward`` is replaced by the same
-    computation written out (in-projection, softmax, dropout, out-projection), whose
-    probability tensor is the one the output depends on.
+    capturing thread the instance's ``forward`` is replaced by the same computation
+    written out (in-projection of the real query, key and value, softmax, dropout,
+    out-projection), whose probability tensor is the one the output depends on.
+    Cross-attention (key or value not equal to the query) is refused: the methods
+    need self-attention over the image tokens.
     """
     assert isinstance(mha, nn.MultiheadAttention)
     if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
@@ -504,12 +820,22 @@ def _torchvision_mha_patch(mha: nn.Module, fn: Callable[[Tensor], None]) -> Iter
     ) -> tuple[Tensor, Tensor | None]:
         if key_padding_mask is not None or attn_mask is not None or is_causal:
             raise UnsupportedModelError(
-                "captum_vit captures torchvision attention without attention masks only"
+                f"nn.MultiheadAttention of layer {layer} is called with an attention mask; "
+                "captum_vit captures unmasked self-attention only"
+            )
+        if not (_same_tensor(key, query) and _same_tensor(value, query)):
+            raise UnsupportedModelError(
+                f"nn.MultiheadAttention of layer {layer} is called as cross-attention (its "
+                "key or value is not its query): attention rollout and the other "
+                "attention-based methods need self-attention over the image tokens, so "
+                "captum_vit refuses to explain it"
             )
         x = query if mha.batch_first else query.transpose(0, 1)
         b, n, d = x.shape
         h = mha.num_heads
-        qkv = F.linear(x, mha.in_proj_weight, mha.in_proj_bias)
+        in_w = mha.in_proj_weight
+        assert isinstance(in_w, Tensor)
+        qkv = F.linear(x, in_w, mha.in_proj_bias)
         q, k, v = qkv.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
         attn = (q * (d // h) ** -0.5) @ k.transpose(-2, -1)
         attn = attn.softmax(dim=-1)
@@ -522,17 +848,7 @@ def _torchvision_mha_patch(mha: nn.Module, fn: Callable[[Tensor], None]) -> Iter
         weights = (attn.mean(1) if average_attn_weights else attn) if need_weights else None
         return out, weights
 
-    had_instance_forward = "forward" in mha.__dict__
-    previous = mha.__dict__.get("forward")
-    mha.forward = forward  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        if had_instance_forward:
-            mha.forward = previous  # type: ignore[method-assign,assignment]
-        else:
-            del mha.forward
-
+    return _thread_forward(mha, forward)
 
 # ---------------------------------------------------------------------- heads
 @dataclass

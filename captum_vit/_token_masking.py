@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._capture import ViTAdapter
+from ._capture import ViTAdapter, _thread_forward_hook
 from ._utils import _slice_args
 
 __all__ = [
@@ -243,11 +243,8 @@ def token_masking(
                 )
             return _patch_hook_output(out, mask, g, replacement, conv)
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with _thread_forward_hook(module, hook, channel="token_mask"):
         yield
-    finally:
-        handle.remove()
 
 
 def masked_forward(

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._capture import TokenLayout, ViTAdapter, resolve_adapter
+from ._capture import TokenLayout, ViTAdapter, _thread_forward_hook, resolve_adapter
 from ._compat import progress
 from ._token_masking import check_mask, check_replacement, token_masking
 from ._utils import (
@@ -66,9 +66,9 @@ def _head_masking(adapter: ViTAdapter, keep: Sequence[Tensor | None]) -> Iterato
     """Scale each head's contribution ``W_h·o_h + b/H`` by ``keep[layer][sample, h]``.
 
     ``keep[layer]`` is ``(batch, heads)`` (1 = untouched, 0 = zeroed) or ``None``
-    (layer untouched). Hooks are removed in ``finally``.
+    (layer untouched). The hooks act only on forward passes run by the calling
+    thread and are removed in ``finally``.
     """
-    handles = []
 
     def make_hook(layer: int) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
@@ -96,13 +96,10 @@ def _head_masking(adapter: ViTAdapter, keep: Sequence[Tensor | None]) -> Iterato
 
         return hook
 
-    try:
+    with contextlib.ExitStack() as stack:
         for layer, proj in enumerate(_projections(adapter)):
-            handles.append(proj.register_forward_hook(make_hook(layer)))
+            stack.enter_context(_thread_forward_hook(proj, make_hook(layer), channel="head_mask"))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _heads_per_layer(adapter: ViTAdapter, x: Tensor, args: tuple[Any, ...]) -> tuple[Tensor, int]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._capture import ViTAdapter, resolve_adapter
+from ._capture import ViTAdapter, _thread_forward_hook, resolve_adapter
 from ._compat import progress
 from ._token_masking import check_replacement, masked_forward
 from ._utils import _forward_args, _unpack_inputs
@@ -98,12 +98,8 @@ def compare_pooling(
     def hook(_m: nn.Module, _args: Any, out: Any) -> None:
         seen.append(path.read(out))
 
-    handle = path.module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            adapter.forward(x, *_forward_args(additional_forward_args))
-    finally:
-        handle.remove()
+    with torch.no_grad(), _thread_forward_hook(path.module, hook, channel="pooling_probe"):
+        adapter.forward(x, *_forward_args(additional_forward_args))
     if not seen:
         raise RuntimeError(f"the final token states of {type(model).__name__} were not produced")
     seq = seen[-1]

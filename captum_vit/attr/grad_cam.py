@@ -8,7 +8,7 @@ import torch
 from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
-from .._capture import ViTAdapter, resolve_adapter
+from .._capture import ViTAdapter, _thread_forward_hook, resolve_adapter
 from .._compat import log_usage
 from .._utils import TargetType, _forward_args, _resolve_target, _unpack_inputs
 from ._common import _check_layer_index, _format_output
@@ -135,19 +135,16 @@ class ViTGradCam(GradientAttribution):
                 )
             captured.append(tokens)
 
-        handle = self.blocks[self.layer].register_forward_hook(hook)
-        try:
-            with torch.enable_grad():
-                xg = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            with _thread_forward_hook(self.blocks[self.layer], hook, channel="grad_cam"):
                 scores = adapter.forward(xg, *_forward_args(additional_forward_args))
-                t = _resolve_target(target, scores)
-                if not captured:
-                    raise RuntimeError(f"block {self.layer} did not run in the forward pass")
-                tokens = captured[-1]
-                score = scores.gather(1, t[:, None]).sum()
-                (grad,) = torch.autograd.grad(score, tokens)
-        finally:
-            handle.remove()
+            t = _resolve_target(target, scores)
+            if not captured:
+                raise RuntimeError(f"block {self.layer} did not run in the forward pass")
+            tokens = captured[-1]
+            score = scores.gather(1, t[:, None]).sum()
+            (grad,) = torch.autograd.grad(score, tokens)
         layout = adapter.layout(x, int(tokens.shape[1]))
         p = layout.num_prefix_tokens
         feats = tokens.detach()[:, p:].float()
