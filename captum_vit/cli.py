@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import html
 import json
+import math
 import os
 import sys
 import time
@@ -101,8 +103,12 @@ def _progress(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
 
 
 def _check_images(paths: Sequence[str]) -> list[Path]:
-    """Fail fast (exit 2) on missing, non-file or unreadable images."""
-    from PIL import Image, UnidentifiedImageError
+    """Fail fast (exit 2) on missing, non-file, unreadable or too large images.
+
+    Each image is read once by :func:`captum_vit.io.read_image` (the reader used
+    later), so every problem it would hit is reported before the model loads.
+    """
+    from .io import read_image
 
     out = []
     for raw in paths:
@@ -112,12 +118,63 @@ def _check_images(paths: Sequence[str]) -> list[Path]:
         if not p.is_file():
             raise CliUsageError(f"not a file: {p}")
         try:
-            with Image.open(p) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise CliUsageError(f"cannot read {p} as an image ({err.__class__.__name__}: {err})") from err
+            read_image(p)
+        except (ValueError, OSError) as err:
+            raise CliUsageError(str(err)) from err
         out.append(p)
     return out
+
+
+def _check_parents(out: Path) -> None:
+    parent = next((a for a in out.parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CliUsageError(f"--out {out}: {parent} is a file, not a directory")
+
+
+def _check_out_dir(out: Path) -> None:
+    """``--out`` must be a directory or a path where one can be made (exit 2 otherwise)."""
+    if out.exists() and not out.is_dir():
+        raise CliUsageError(f"--out {out} exists and is not a directory")
+    _check_parents(out)
+
+
+def _check_out_file(out: Path) -> None:
+    """``--out FILE.png``: not a directory, and its folder can be made (exit 2 otherwise)."""
+    if out.is_dir():
+        raise CliUsageError(f"--out {out} is a directory; give FILE.png or a directory without .png")
+    _check_parents(out)
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliUsageError(f"cannot create the output directory {path}: {err}") from err
+
+
+def _check_model_options(opts: argparse.Namespace, adapter: Any, transform: Any) -> None:
+    """Options whose valid range depends on the model (exit 2 when out of range)."""
+    layers = int(adapter.num_layers)
+    layer = getattr(opts, "layer", -1)
+    if not -layers <= layer < layers:
+        raise CliUsageError(
+            f"--layer {layer} is out of range: the model has {layers} layers "
+            f"(0..{layers - 1}, or -1..-{layers} from the end)"
+        )
+    size = getattr(transform, "input_size", None)
+    if size is None:
+        return
+    ph, pw = adapter.patch_size
+    gh, gw = int(size[0]) // ph, int(size[1]) // pw
+    window = getattr(opts, "window", 1)
+    if window > min(gh, gw):
+        raise CliUsageError(
+            f"--window {window} is larger than the model's {gh}x{gw} patch grid "
+            f"({size[0]}x{size[1]} inputs, {ph}x{pw} patches)"
+        )
+    stride = getattr(opts, "stride", None)
+    if stride is not None and stride > min(gh, gw):
+        raise CliUsageError(f"--stride {stride} is larger than the model's {gh}x{gw} patch grid")
 
 
 def _device(name: str) -> Any:
@@ -257,14 +314,14 @@ def _validate_common(opts: argparse.Namespace) -> None:
         raise CliUsageError(f"--batch-size must be >= 1, got {opts.batch_size}")
     if not 0.0 <= opts.alpha <= 1.0:
         raise CliUsageError(f"--alpha must be in [0, 1], got {opts.alpha}")
-    if opts.blur_sigma is not None and opts.blur_sigma < 0:
-        raise CliUsageError(f"--blur-sigma must be >= 0, got {opts.blur_sigma}")
+    if opts.blur_sigma is not None and not 0 <= opts.blur_sigma < math.inf:
+        raise CliUsageError(f"--blur-sigma must be a finite number >= 0, got {opts.blur_sigma}")
     if not 0.0 <= opts.discard_ratio < 1.0:
         raise CliUsageError(f"--discard-ratio must be in [0, 1), got {opts.discard_ratio}")
     if opts.window < 1 or opts.perturbations_per_eval < 1 or (opts.stride is not None and opts.stride < 1):
         raise CliUsageError("--window, --stride and --perturbations-per-eval must be >= 1")
-    if not opts.gamma > 0:
-        raise CliUsageError(f"--gamma must be > 0, got {opts.gamma}")
+    if not 0 < opts.gamma < math.inf:
+        raise CliUsageError(f"--gamma must be a finite number > 0, got {opts.gamma}")
     from matplotlib import colormaps
 
     if opts.cmap not in colormaps:
@@ -284,7 +341,6 @@ def _cmd_explain(opts: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from .models import load_image
     from .viz import overlay
 
     _validate_common(opts)
@@ -300,6 +356,10 @@ def _cmd_explain(opts: argparse.Namespace) -> int:
         raise CliUsageError(
             "--out FILE.png takes one image, one method and one target; give a directory instead"
         )
+    if single_file:
+        _check_out_file(out)
+    else:
+        _check_out_dir(out)
     model, transform, names = _load(opts)
     num_classes = len(names)
     if opts.target is not None and opts.target >= num_classes:
@@ -307,19 +367,17 @@ def _cmd_explain(opts: argparse.Namespace) -> int:
     if opts.top_k is not None and opts.top_k > num_classes:
         raise CliUsageError(f"--top-k {opts.top_k} exceeds the model's {num_classes} classes")
     device = next(model.parameters()).device
-    explainers = _explainers(methods, model, transform, opts)
     from ._capture import resolve_adapter
 
     adapter = resolve_adapter(model, None)
-    if single_file:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
+    _check_model_options(opts, adapter, transform)
+    explainers = _explainers(methods, model, transform, opts)
+    _make_dir(out.parent if single_file else out)
     stems = _unique_stems(paths)
     records: list[dict[str, Any]] = []
     pairs = list(zip(paths, stems, strict=True))
     for batch in _progress(list(_batches(pairs, opts.batch_size)), opts.progress, desc="explain", unit="batch"):
-        x = torch.stack([transform(load_image(p)) for p, _ in batch]).to(device)
+        x = torch.stack([transform(p) for p, _ in batch]).to(device)
         with torch.no_grad():
             logits = adapter.forward(x).float()
         probs = logits.softmax(dim=1) if logits.shape[1] > 1 else logits
@@ -391,13 +449,13 @@ def _cmd_demo(opts: argparse.Namespace) -> int:
         if name not in _DEMO_IMAGES:
             raise CliUsageError(f"unknown demo image {name!r}; choose from {', '.join(_DEMO_IMAGES)}")
     out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise CliUsageError(f"--out {out} exists and is not a directory")
+    _check_out_dir(out)
     model, transform, names = _load(opts)
-    out.mkdir(parents=True, exist_ok=True)
+    adapter = resolve_adapter(model, None)
+    _check_model_options(opts, adapter, transform)
+    _make_dir(out)
     device = next(model.parameters()).device
     explainers = _explainers(methods, model, transform, opts)
-    adapter = resolve_adapter(model, None)
     raw_all = RawAttention(model, adapter=adapter)
     x = torch.stack([transform(_demo_image(n)) for n in opts.images]).to(device)
     with torch.no_grad():
@@ -491,16 +549,14 @@ def _cmd_analyze(opts: argparse.Namespace) -> int:
 
     from .attr import SiftInterrelation
     from .interrelation import InterrelationSummary
-    from .models import load_image
     from .viz import overlay, plot_interrelation
 
     _validate_common(opts)
     paths = _check_images(opts.images)
     out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise CliUsageError(f"--out {out} exists and is not a directory")
+    _check_out_dir(out)
     model, transform, _ = _load(opts)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_dir(out)
     device = next(model.parameters()).device
     explainer = SiftInterrelation(model, gamma=opts.gamma, unnormalize=(transform.mean, transform.std))
     stems = _unique_stems(paths)
@@ -508,7 +564,7 @@ def _cmd_analyze(opts: argparse.Namespace) -> int:
     per_image: list[dict[str, Any]] = []
     pairs = list(zip(paths, stems, strict=True))
     for batch in _progress(list(_batches(pairs, opts.batch_size)), opts.progress, desc="analyze", unit="batch"):
-        x = torch.stack([transform(load_image(p)) for p, _ in batch]).to(device)
+        x = torch.stack([transform(p) for p, _ in batch]).to(device)
         res = explainer.analyze(x)
         kk.append(res.kk.cpu())
         nk.append(res.nk.cpu())
@@ -597,6 +653,14 @@ unsupported model),
 130 interrupted. Set CAPTUM_VIT_DEBUG=1 to see tracebacks."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``PROG: error: ... (see PROG --help)``)."""
+
+    def error(self, message: str) -> Any:  # argparse's signature returns NoReturn
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``captum-vit`` (all sub-commands).
 
@@ -605,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="captum-vit",
         description="Explain Vision Transformers: attention maps, rollout, gradient rollout, "
         "patch occlusion and SIFT interrelation, as PNG overlays and raw maps.",
@@ -613,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"captum-vit {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     ex = sub.add_parser(
         "explain", help="explain images with one or more methods",
@@ -671,6 +735,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Show captum_vit's warnings about the user's input (small images) as one line."""
+    from .io import SmallImageWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", SmallImageWarning)
+        previous = warnings.showwarning
+
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            if isinstance(category, type) and issubclass(category, SmallImageWarning):
+                print(f"captum-vit {command}: warning: {message}", file=sys.stderr)
+            else:
+                previous(message, category, *args, **kwargs)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``captum-vit`` with ``argv`` (default: ``sys.argv[1:]``).
 
@@ -699,7 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._capture import UnsupportedModelError
 
     try:
-        return int(opts.func(opts))
+        with _one_line_warnings(opts.command):
+            return int(opts.func(opts))
     except CliUsageError as err:
         print(f"captum-vit {opts.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE

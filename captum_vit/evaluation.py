@@ -404,11 +404,10 @@ class ImageFolderWithLabels(torch.utils.data.Dataset[dict[str, Any]]):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from PIL import Image
+        from .io import read_image
 
         name, label = self.items[i]
-        with Image.open(self.root / name) as im:
-            return {"image": self.transform(im.convert("RGB")), "label": label, "index": i}
+        return {"image": self.transform(read_image(self.root / name)), "label": label, "index": i}
 
 
 class MaskedImages(torch.utils.data.Dataset[dict[str, Any]]):
@@ -433,11 +432,11 @@ class MaskedImages(torch.utils.data.Dataset[dict[str, Any]]):
         import numpy as np
         from PIL import Image
 
+        from .io import read_image
         from .metrics import align_mask
 
         image, mask = self.items[i]
-        with Image.open(self.root / image) as im:
-            x = self.transform(im.convert("RGB"))
+        x = self.transform(read_image(self.root / image))
         with Image.open(self.root / mask) as mk:
             m = torch.from_numpy(np.array(mk, dtype=np.uint8))
         return {"image": x, "label": -1, "mask": align_mask(m, self.data_config), "index": i}

@@ -109,7 +109,7 @@ def test_load_image_variants(tmp_path: Path) -> None:
     rgba = np.zeros((4, 4, 4), dtype=np.uint8)
     assert load_image(rgba).mode == "RGB"
     floats = np.full((3, 3, 3), 0.5)
-    assert np.asarray(load_image(floats))[0, 0, 0] == 127
+    assert np.asarray(load_image(floats))[0, 0, 0] == 128  # rounded (0.5 * 255 = 127.5), not truncated
     Image.fromarray(gray).save(tmp_path / "g.png")
     assert load_image(tmp_path / "g.png").mode == "RGB"
     (tmp_path / "notes.png").write_text("not an image")

@@ -14,7 +14,9 @@ Hugging Face checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from importlib import resources
 from os import PathLike
 from pathlib import Path
@@ -28,6 +30,7 @@ from ._transform import ImageLike, ImageTransform, load_image
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
+    "HubOfflineError",
     "ImageLike",
     "ImageTransform",
     "default_weights_path",
@@ -170,7 +173,19 @@ def _timm_transform(model: nn.Module) -> ImageTransform:
     cfg = timm.data.resolve_data_config({}, model=model)
     transform = timm.data.create_transform(**cfg)
     size = cfg["input_size"]
-    return ImageTransform(transform, cfg["mean"], cfg["std"], (int(size[1]), int(size[2])))
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    return ImageTransform(
+        transform, cfg["mean"], cfg["std"], (int(size[1]), int(size[2])), patch_size=_patch_pair(patch)
+    )
+
+
+def _patch_pair(patch: Any) -> tuple[int, int] | None:
+    """A model's patch size as ``(h, w)``, or ``None`` when it has none."""
+    if isinstance(patch, int):
+        return (patch, patch)
+    if isinstance(patch, (tuple, list)) and len(patch) == 2:
+        return (int(patch[0]), int(patch[1]))
+    return None
 
 
 def _timm_class_names(model: nn.Module) -> list[str]:
@@ -257,7 +272,9 @@ def _hf_transform(source: str, config: Any) -> ImageTransform:
         transform = T.Compose(
             [T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(), T.Normalize(mean, std)]
         )
-        return ImageTransform(transform, mean, std, (size, size))
+        return ImageTransform(
+            transform, mean, std, (size, size), patch_size=_patch_pair(getattr(config, "patch_size", None))
+        )
     mean = tuple(getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5))
     std = tuple(getattr(processor, "image_std", None) or (0.5, 0.5, 0.5))
 
@@ -265,7 +282,10 @@ def _hf_transform(source: str, config: Any) -> ImageTransform:
         return processor(images=image, return_tensors="pt")["pixel_values"][0]  # type: ignore[misc]
 
     probe = run_processor(load_image(np.zeros((8, 8, 3), dtype=np.uint8)))
-    return ImageTransform(run_processor, mean, std, (int(probe.shape[-2]), int(probe.shape[-1])))
+    return ImageTransform(
+        run_processor, mean, std, (int(probe.shape[-2]), int(probe.shape[-1])),
+        patch_size=_patch_pair(getattr(config, "patch_size", None)),
+    )
 
 
 def _load_hf(
@@ -324,6 +344,9 @@ def load_model(
 
     Raises:
         ValueError: unknown prefix or model name, unreadable or mismatching weights.
+        HubOfflineError: (a ``ValueError``) the hub is unreachable (no network, or
+            ``HF_HUB_OFFLINE`` set) and the model's files are not in the local cache;
+            raised at once, without the hub clients' minute of retries.
         FileNotFoundError: ``weights`` does not exist.
 
     Example::
@@ -345,10 +368,111 @@ def load_model(
         raise ValueError("'default' takes no weights or model arguments; use 'timm:NAME' instead")
     if not name:
         raise ValueError(f"model spec {spec!r} should look like 'default', 'timm:NAME' or 'hf:NAME_OR_DIR'")
-    if prefix == "timm":
-        model, transform, names = _load_timm(name, path, model_kwargs)
-    elif prefix == "hf":
-        model, transform, names = _load_hf(name, path, model_kwargs)
-    else:
+    if prefix not in ("timm", "hf"):
         raise ValueError(f"unknown model source {prefix!r} in {spec!r}: use 'timm:' or 'hf:'")
+    needs_hub = (prefix == "timm" and path is None) or (prefix == "hf" and not Path(name).is_dir())
+    with _hub_access(spec, prefix, needs_hub):
+        if prefix == "timm":
+            model, transform, names = _load_timm(name, path, model_kwargs)
+        else:
+            model, transform, names = _load_hf(name, path, model_kwargs)
     return _finish(model, device, dtype), transform, names
+
+
+class HubOfflineError(ValueError):
+    """A hub model was asked for without network and its files are not cached locally."""
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _offline_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached, or ``None`` when it can.
+
+    ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set means offline. Otherwise one
+    TCP connection to the hub's host is tried (``timeout`` seconds; a machine without
+    network fails it at once on name resolution); behind a proxy
+    (``HTTPS_PROXY`` / ``ALL_PROXY``) the hub is assumed reachable.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if _truthy(os.environ.get(var)):
+            return f"{var} is set"
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return "huggingface_hub is in offline mode"
+        endpoint = str(constants.ENDPOINT)
+    except ImportError:  # pragma: no cover - a dependency of timm and transformers
+        endpoint = "https://huggingface.co"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"cannot connect to {host}:{port} ({err.__class__.__name__}: {err})"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_access(spec: str, prefix: str, needs_hub: bool) -> Iterator[None]:
+    """Load from the local cache only, failing fast with a clear message, when offline.
+
+    Without network the hub clients would retry for about a minute before failing;
+    instead ``huggingface_hub`` is put in offline mode for the duration of the load
+    (files already in the local cache still load), and a miss raises
+    :class:`HubOfflineError` saying how to pass local weights.
+    """
+    reason = _offline_reason() if needs_hub else None
+    if reason is None:
+        yield
+        return
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        if not _is_hub_miss(err):
+            raise
+        local = (
+            "pass local weights: --weights FILE (.safetensors or a torch.save state dict; in "
+            f"Python load_model({spec!r}, weights=FILE))"
+            if prefix == "timm"
+            else "pass a local directory written by save_pretrained: --model hf:DIR (config.json "
+            "and weights), or the config directory with --weights FILE"
+        )
+        raise HubOfflineError(
+            f"no network ({reason}): {spec} needs files from the Hugging Face hub that are not "
+            f"in the local cache; {local}"
+        ) from err
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _is_hub_miss(err: BaseException) -> bool:
+    """Whether ``err`` (or what caused it) is a hub file missing from the local cache."""
+    try:
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    except ImportError:  # pragma: no cover
+        return False
+    seen: set[int] = set()
+    node: BaseException | None = err
+    while node is not None and id(node) not in seen:
+        seen.add(id(node))
+        if isinstance(node, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        text = str(node)
+        if isinstance(node, OSError) and ("cached files" in text or "local cache" in text):
+            return True
+        node = node.__cause__ or node.__context__
+    return False

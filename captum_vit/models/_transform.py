@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from os import PathLike
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
+
+from ..io import read_image
 
 __all__ = ["ImageLike", "ImageTransform", "load_image"]
 
@@ -20,20 +21,21 @@ ImageLike = Image.Image | np.ndarray | str | PathLike[str]
 
 
 def load_image(image: ImageLike) -> Image.Image:
-    """Open an image as an RGB PIL image.
+    """Open an image as an RGB PIL image (:func:`captum_vit.io.read_image`).
 
     Args:
         image (PIL.Image, numpy.ndarray, str or PathLike): a PIL image, an array
-            ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` (uint8, or float in ``[0, 1]``),
-            or the path of an image file.
+            ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` (uint8, uint16, or float in
+            ``[0, 1]``), or the path of an image file.
 
     Returns:
-        PIL.Image.Image: the image in RGB mode (alpha dropped, grayscale repeated).
+        PIL.Image.Image: the image in RGB mode, upright (EXIF orientation applied),
+        16-bit images scaled to 8 bits, transparency composited over white.
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the file is not a readable image, or the array has a shape that
-            is not an image.
+        ValueError: the file is not a readable image, is too large, or the array
+            has a shape or value range that is not an image.
 
     Example::
 
@@ -41,37 +43,7 @@ def load_image(image: ImageLike) -> Image.Image:
         >>> load_image(data.chelsea()).size
         (451, 300)
     """
-    if isinstance(image, (str, PathLike)):
-        path = Path(image)
-        if not path.exists():
-            raise FileNotFoundError(f"image file not found: {path}")
-        if path.is_dir():
-            raise ValueError(f"{path} is a directory, not an image file")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                return opened.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot read {path} as an image: {err}") from err
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim == 3 and arr.shape[-1] == 1:
-            arr = arr[..., 0]
-        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-            raise ValueError(
-                f"an image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {arr.shape}"
-            )
-        if arr.dtype != np.uint8:
-            if not np.issubdtype(arr.dtype, np.number):
-                raise ValueError(f"image array has non-numeric dtype {arr.dtype}")
-            scale = 255.0 if float(np.nanmax(arr)) <= 1.0 else 1.0
-            arr = np.clip(np.nan_to_num(arr.astype(np.float64)) * scale, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr).convert("RGB")
-    raise TypeError(
-        f"expected a PIL image, a numpy array or a file path, got {type(image).__name__}"
-    )
+    return read_image(image)
 
 
 class ImageTransform:
@@ -87,6 +59,9 @@ class ImageTransform:
         mean (Sequence[float]): per-channel mean used by ``transform``.
         std (Sequence[float]): per-channel standard deviation used by ``transform``.
         input_size (tuple[int, int]): ``(H, W)`` of the tensors it produces.
+        patch_size (tuple[int, int], optional): the model's patch size; images
+            smaller than one patch are upsampled with a
+            :class:`~captum_vit.io.SmallImageWarning`. Default: None
 
     Example::
 
@@ -101,15 +76,18 @@ class ImageTransform:
         mean: Sequence[float],
         std: Sequence[float],
         input_size: tuple[int, int],
+        *,
+        patch_size: tuple[int, int] | None = None,
     ) -> None:
         self.transform = transform
+        self.patch_size = patch_size
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.input_size = (int(input_size[0]), int(input_size[1]))
 
     def __call__(self, image: ImageLike) -> Tensor:
         """Preprocess one image (PIL, array or path) to a float tensor ``(3, H, W)``."""
-        out = self.transform(load_image(image))
+        out = self.transform(read_image(image, min_size=self.patch_size))
         if not isinstance(out, Tensor):
             raise TypeError(f"the wrapped transform returned {type(out).__name__}, not a tensor")
         return out

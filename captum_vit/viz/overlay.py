@@ -9,6 +9,7 @@ normalised input.
 
 from __future__ import annotations
 
+from os import PathLike
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
+
+from ..io import DEFAULT_BACKGROUND, read_image
 
 __all__ = [
     "attribution_to_map",
@@ -37,16 +40,17 @@ def image_to_array(image: Any) -> np.ndarray:
     """Any image -> float RGB array ``(H, W, 3)`` in ``[0, 1]``.
 
     Args:
-        image (PIL.Image, numpy.ndarray or Tensor): PIL image; array ``(H, W)``,
+        image (PIL.Image, path, numpy.ndarray or Tensor): PIL image or image file
+            (read by :func:`captum_vit.io.read_image`); array ``(H, W)``,
             ``(H, W, 3)`` or ``(H, W, 4)`` (uint8 0..255 or float 0..1); tensor
             ``(3, H, W)``, ``(1, H, W)`` or ``(1, 3, H, W)`` with values in ``[0, 1]``.
 
     Returns:
         numpy.ndarray: ``(H, W, 3)`` float64 in ``[0, 1]``.
     """
-    if isinstance(image, Image.Image):
-        arr = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
-        return arr
+    if isinstance(image, (Image.Image, str, PathLike)):
+        # files and PIL images go through the one image reader (16-bit, alpha, EXIF ...)
+        return np.asarray(read_image(image), dtype=np.float64) / 255.0
     if isinstance(image, Tensor):
         t = image.detach().float().cpu()
         if t.ndim == 4:
@@ -62,6 +66,11 @@ def image_to_array(image: Any) -> np.ndarray:
             )
         arr = t.expand(3, -1, -1).permute(1, 2, 0).numpy().astype(np.float64)
         return np.clip(arr, 0.0, 1.0)
+    if isinstance(image, np.ndarray) and (
+        np.issubdtype(image.dtype, np.integer) or image.dtype == np.bool_
+    ):
+        # uint8, uint16 (scaled by its bit depth), RGBA (composited over white)
+        return np.asarray(read_image(image), dtype=np.float64) / 255.0
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -70,13 +79,14 @@ def image_to_array(image: Any) -> np.ndarray:
             arr = np.repeat(arr[..., None], 3, axis=-1)
         if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
             raise ValueError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4); got {image.shape}")
-        arr = arr[..., :3]
-        if arr.dtype == np.uint8:
-            return arr.astype(np.float64) / 255.0
         out = arr.astype(np.float64)
         if out.max() > 1.0 + 1e-6:
             out = out / 255.0
-        return np.clip(out, 0.0, 1.0)
+        out = np.clip(out, 0.0, 1.0)
+        if out.shape[-1] == 4:  # composite over the reader's background (white)
+            bg = np.asarray(DEFAULT_BACKGROUND, dtype=np.float64) / 255.0
+            out = out[..., :3] * out[..., 3:] + bg * (1.0 - out[..., 3:])
+        return out
     raise TypeError(f"expected a PIL image, a numpy array or a tensor, got {type(image).__name__}")
 
 
