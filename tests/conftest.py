@@ -14,7 +14,24 @@ warnings.filterwarnings("ignore", category=UserWarning)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = ROOT.parent / "shared" / "assets"
-DEIT_WEIGHTS = SHARED_ASSETS / "models" / "deit_tiny_patch16_224.fp16.safetensors"
+SHARED_DEIT_WEIGHTS = SHARED_ASSETS / "models" / "deit_tiny_patch16_224.fp16.safetensors"
+#: sha256 of the real DeiT-Tiny float16 weights (the shared copy and the bundled one).
+DEIT_WEIGHTS_SHA256 = "0af164d9dc507fd8d9e16b38fe09661fe68beabbbcfed644ff007bfc7bb032c6"
+
+
+def _real_deit_weights() -> Path:
+    """The real DeiT-Tiny weights: ../shared/assets when present, else the copy bundled
+    in the package (the same file), so the real-model tests run on any clone."""
+    if SHARED_DEIT_WEIGHTS.is_file():
+        return SHARED_DEIT_WEIGHTS
+    from captum_vit.models import default_weights_path
+
+    return default_weights_path()
+
+
+DEIT_WEIGHTS = _real_deit_weights()
+#: class_index,synset of the 500 ImageNet sample images (a copy of the shared labels.csv).
+IMAGENET_SAMPLE_SYNSETS = ROOT / "tests" / "data" / "imagenet_sample_synsets.csv"
 
 _HF = dict(
     hidden_size=32,
@@ -157,8 +174,6 @@ def load_real_deit() -> nn.Module:
     import safetensors.torch
     import timm
 
-    if not DEIT_WEIGHTS.exists():
-        pytest.skip(f"real DeiT-Tiny weights not found at {DEIT_WEIGHTS}")
     m = timm.create_model("deit_tiny_patch16_224", pretrained=False)
     state = safetensors.torch.load_file(str(DEIT_WEIGHTS))
     m.load_state_dict({k: v.float() for k, v in state.items()})
@@ -167,7 +182,7 @@ def load_real_deit() -> nn.Module:
 
 @pytest.fixture(scope="session")
 def real_deit() -> nn.Module:
-    """The real ImageNet DeiT-Tiny from ../shared/assets (skips when absent)."""
+    """The real ImageNet DeiT-Tiny (../shared/assets, else the bundled copy)."""
     return load_real_deit()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DEIT_WEIGHTS, SHARED_ASSETS
+from conftest import DEIT_WEIGHTS_SHA256, IMAGENET_SAMPLE_SYNSETS, SHARED_DEIT_WEIGHTS
 from PIL import Image
 
 from captum_vit.models import (
@@ -34,9 +34,9 @@ def test_bundled_weights_are_the_shared_deit_tiny() -> None:
     path = default_weights_path()
     assert path.is_file() and path.parent.name == "_assets"
     assert path.stat().st_size > 10_000_000
-    if DEIT_WEIGHTS.exists():
-        digest = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
-        assert digest(path) == digest(DEIT_WEIGHTS)
+    assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == DEIT_WEIGHTS_SHA256
+    if SHARED_DEIT_WEIGHTS.is_file():  # and the shared copy is that same file
+        assert hashlib.sha256(SHARED_DEIT_WEIGHTS.read_bytes()).hexdigest() == DEIT_WEIGHTS_SHA256
 
 
 def test_class_names_follow_timm_index_order() -> None:
@@ -45,14 +45,15 @@ def test_class_names_follow_timm_index_order() -> None:
     assert names[285] == "Egyptian cat"
     assert names[967] == "espresso"
     assert names[0].startswith("tench")
-    labels = SHARED_ASSETS / "imagenet-sample" / "labels.csv"
-    if labels.exists():  # synset order of timm == the order the weights were trained with
-        from timm.data import ImageNetInfo
+    # synset order of timm == the order the weights were trained with (the 500 sample
+    # images' labels, copied from ../shared/assets/imagenet-sample/labels.csv)
+    from timm.data import ImageNetInfo
 
-        info = ImageNetInfo()
-        with labels.open() as f:
-            rows = list(csv.DictReader(f))
-        assert all(info.index_to_label_name(int(r["class_index"])) == r["synset"] for r in rows)
+    info = ImageNetInfo()
+    with IMAGENET_SAMPLE_SYNSETS.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 500
+    assert all(info.index_to_label_name(int(r["class_index"])) == r["synset"] for r in rows)
 
 
 @pytest.mark.real_model
