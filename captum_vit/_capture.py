@@ -521,6 +521,13 @@ def _record(recorder: AttentionRecorder, layer: int, attn: Any, module: nn.Modul
 # Hooks on one module with different channels all run; within one channel only the
 # innermost context of the calling thread runs. ``_thread_forward`` has a single
 # channel per module: the innermost replacement of the calling thread is used.
+#
+# Dispatch is by the thread that runs the *forward* pass. Backward passes are not
+# dispatched (on CUDA, autograd runs them on its own threads): to act on gradients,
+# register tensor hooks (``tensor.register_hook``) from a dispatched forward hook or
+# forward, or use ``torch.autograd.Function`` inside a dispatched forward; those belong
+# to the calling thread's graph. Forwards run on other threads on the caller's behalf
+# (``nn.DataParallel`` replicas) are not seen.
 
 _LOCK = threading.RLock()
 _SLOTS: dict[tuple[int, str, str], _Slot] = {}

@@ -12,8 +12,10 @@ Exit codes (scripts can rely on them):
 
 * ``0``: success;
 * ``1``: runtime failure (the model or a method failed while running);
-* ``2``: usage error or bad input (unknown option or method, missing or unreadable
-  image, target out of range, unknown or unsupported model, missing weights file);
+* ``2``: usage error or bad input (unknown option or method, an option value out of
+  range for the model, ``--out`` a file where a folder is needed, missing, unreadable or
+  too large image, target out of range, unknown or unsupported model, missing weights
+  file, a hub model while offline and not in the local cache), one line, no traceback;
 * ``130``: interrupted (Ctrl-C).
 
 Every method comes from the one method registry, :mod:`captum_vit.registry`
@@ -648,8 +650,8 @@ def _cmd_bench(argv: Sequence[str]) -> int:
 
 # ---------------------------------------------------------------------------- parser
 _EPILOG = """exit codes: 0 success, 1 runtime failure, 2 usage error or bad input
-(missing or unreadable image, unknown method, target out of range, unknown or
-unsupported model),
+(missing, unreadable or too large image, unknown method, option value out of range,
+target out of range, unknown or unsupported model, hub model offline and not cached),
 130 interrupted. Set CAPTUM_VIT_DEBUG=1 to see tracebacks."""
 
 
