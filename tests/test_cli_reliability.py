@@ -70,11 +70,11 @@ def test_bad_option_values_exit_2_with_one_line(
     (root / "folder.png").mkdir(exist_ok=True)
     out = ["--out", str(root / "o")]
     cases: list[tuple[list[str], str]] = [
-        (["explain", img, "--method", "raw", "--layer", "6", *out, *model], "--layer 6 is out of range: the model has 6 layers"),
-        (["explain", img, "--method", "raw", "--layer", "-7", *out, *model], "--layer -7 is out of range"),
-        (["explain", img, "--method", "occlusion", "--window", "11", *out, *model], "--window 11 is larger than the model's 10x10 patch grid"),
-        (["explain", img, "--method", "occlusion", "--stride", "12", *out, *model], "--stride 12 is larger"),
-        (["demo", "--methods", "raw", "--layer", "9", "--out", str(root / "d"), *model], "--layer 9 is out of range"),
+        (["explain", img, "--method", "raw_attention", "--layer", "6", *out, *model], "--layer 6 is out of range: the model has 6 layers"),
+        (["explain", img, "--method", "raw_attention", "--layer", "-7", *out, *model], "--layer -7 is out of range"),
+        (["explain", img, "--method", "patch_occlusion", "--window", "11", *out, *model], "--window 11 is larger than the model's 10x10 patch grid"),
+        (["explain", img, "--method", "patch_occlusion", "--stride", "12", *out, *model], "--stride 12 is larger"),
+        (["demo", "--methods", "raw_attention", "--layer", "9", "--out", str(root / "d"), *model], "--layer 9 is out of range"),
         (["explain", img, "--discard-ratio", "1", *out], "--discard-ratio must be in [0, 1)"),
         (["explain", img, "--discard-ratio", "-0.5", *out], "--discard-ratio must be in [0, 1)"),
         (["explain", img, "--discard-ratio", "nan", *out], "--discard-ratio must be in [0, 1)"),
@@ -146,7 +146,7 @@ def test_every_kind_of_image_through_the_entry_point(tiny: dict[str, Path]) -> N
     root.mkdir()
     kinds = _write_every_kind(root)
     cmd = [sys.executable, "-m", "captum_vit", "explain", *map(str, kinds.values()),
-           "--method", "rollout", "--out", str(root / "maps"), *_model(tiny)]
+           "--method", "rollout_mean", "--out", str(root / "maps"), *_model(tiny)]
     env = {**__import__("os").environ, **ENV_MPL}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == EXIT_OK, res.stderr
