@@ -391,12 +391,13 @@ def _offline_reason(timeout: float = 3.0) -> str | None:
     """Why the Hugging Face hub cannot be reached, or ``None`` when it can.
 
     ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set means offline. Otherwise one
-    TCP connection to the hub's host is tried (``timeout`` seconds; a machine without
-    network fails it at once on name resolution); behind a proxy
+    TCP connection to the hub's host is tried (at most about ``timeout`` seconds,
+    name resolution included; a machine without network fails it at once); behind a proxy
     (``HTTPS_PROXY`` / ``ALL_PROXY``) the hub is assumed reachable.
     """
     import os
     import socket
+    import threading
     from urllib.parse import urlparse
 
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -415,11 +416,21 @@ def _offline_reason(timeout: float = 3.0) -> str | None:
     url = urlparse(endpoint)
     host = url.hostname or "huggingface.co"
     port = url.port or (80 if url.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as err:
-        return f"cannot connect to {host}:{port} ({err.__class__.__name__}: {err})"
-    return None
+    outcome: list[str | None] = []
+
+    def probe() -> None:  # in a thread: name resolution is not bounded by the socket timeout
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(f"cannot connect to {host}:{port} ({err.__class__.__name__}: {err})")
+
+    worker = threading.Thread(target=probe, name="captum-vit-hub-probe", daemon=True)
+    worker.start()
+    worker.join(timeout + 1.0)
+    if not outcome:
+        return f"no answer from {host}:{port} within {timeout + 1.0:g} s"
+    return outcome[0]
 
 
 @contextlib.contextmanager
