@@ -740,10 +740,14 @@ def build_parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def _one_line_warnings(command: str) -> Iterator[None]:
     """Show captum_vit's warnings about the user's input (small images) as one line."""
+    from PIL import Image
+
     from .io import SmallImageWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", SmallImageWarning)
+        # too large images are refused with one clear error line; PIL's warning is noise
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         previous = warnings.showwarning
 
         def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:

@@ -133,10 +133,9 @@ def _open_checked(path: Path, max_pixels: int | None) -> Image.Image:
     if path.is_dir():
         raise ValueError(f"{path} is a directory, not an image file")
     try:
-        with warnings.catch_warnings():
-            # We apply our own limit below; PIL's warning between 1x and 2x is noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+        # (no warnings.catch_warnings here: it is not thread-safe; PIL may warn with a
+        # DecompressionBombWarning between its limit and twice it, then we refuse)
+        im = Image.open(path)
     except Image.DecompressionBombError as err:
         raise ValueError(
             f"{path} is larger than PIL's decompression-bomb limit ({err}); downscale it first"
@@ -154,8 +153,7 @@ def _open_checked(path: Path, max_pixels: int | None) -> Image.Image:
 def _read_file(path: Path, background: tuple[int, int, int], max_pixels: int | None) -> Image.Image:
     im = _open_checked(path, max_pixels)
     try:
-        with im, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with im:
             im.load()
             return _to_rgb(im, background, str(path))
     except (OSError, SyntaxError, Image.DecompressionBombError) as err:
