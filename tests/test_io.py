@@ -188,3 +188,24 @@ def test_arrays_and_the_load_image_alias() -> None:
     assert load_image(ramp).tobytes() == read_image(ramp).tobytes()
     source = Image.new("RGB", (4, 4))
     assert read_image(source) is not source  # never the caller's own image
+
+
+def _png_rgb16(path: Path, arr: np.ndarray) -> None:
+    """A 16-bit RGB PNG written by hand (PIL cannot write one)."""
+    h, w, _ = arr.shape
+    raw = b"".join(b"\x00" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
+
+
+def test_16_bit_rgb_png_keeps_its_colours(tmp_path: Path) -> None:
+    arr = np.zeros((4, 6, 3), np.uint16)
+    arr[..., 0], arr[..., 1], arr[..., 2] = 65535, 32768, 257
+    _png_rgb16(tmp_path / "rgb16.png", arr)
+    assert np.asarray(read_image(tmp_path / "rgb16.png"))[0, 0].tolist() == [255, 128, 1]
