@@ -30,6 +30,7 @@ import contextlib
 import math
 import sys
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -613,7 +614,7 @@ def _thread_forward_hook(
 
     def install(slot: _Slot) -> Callable[[], None]:
         def dispatch(m: nn.Module, args: Any, out: Any) -> Any:
-            fn = slot.current()
+            fn = slot.current() if m is slot.owner else None  # not on deep copies
             return None if fn is None else fn(m, args, out)
 
         return module.register_forward_hook(dispatch).remove
@@ -632,7 +633,7 @@ def _thread_forward_pre_hook(
 
     def install(slot: _Slot) -> Callable[[], None]:
         def dispatch(m: nn.Module, args: Any) -> Any:
-            fn = slot.current()
+            fn = slot.current() if m is slot.owner else None  # not on deep copies
             return None if fn is None else fn(m, args)
 
         return module.register_forward_pre_hook(dispatch).remove
@@ -655,17 +656,19 @@ def _thread_forward(
         had_own = "forward" in module.__dict__
         previous = module.__dict__.get("forward")
         cls_forward = type(module).forward
-        ref = weakref.ref(module)
 
-        def dispatch(*args: Any, **kwargs: Any) -> Any:
-            fn = slot.current()
+        def dispatch(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            fn = slot.current() if self is module_ref() else None
             if fn is not None:
                 return fn(*args, **kwargs)
-            if had_own:
+            if had_own and self is module_ref():
                 return previous(*args, **kwargs)  # type: ignore[misc]
-            return cls_forward(ref(), *args, **kwargs)
+            return cls_forward(self, *args, **kwargs)
 
-        module.forward = dispatch  # type: ignore[method-assign]
+        module_ref = weakref.ref(module)
+        # a bound method: a deep copy of the model taken meanwhile rebinds it to the copy,
+        # whose forward then runs its own class forward
+        module.forward = types.MethodType(dispatch, module)  # type: ignore[method-assign]
 
         def undo() -> None:
             if had_own:
@@ -693,6 +696,10 @@ class _ThreadFlag:
 
     def __bool__(self) -> bool:
         return bool(self._slot.current(self._original))
+
+    def __reduce__(self) -> tuple[type, tuple[bool]]:
+        # copies and pickles of a model taken while a capture is open get the plain flag
+        return (bool, (self._original,))
 
     def __repr__(self) -> str:
         return f"_ThreadFlag(original={self._original}, this_thread={bool(self)})"
@@ -738,6 +745,28 @@ _HF_DISPATCH = "captum_vit_thread_dispatch"
 _HF_REGISTERED = False
 
 
+def _plain_value(value: Any) -> Any:
+    return value
+
+
+class _DispatchName(str):
+    """The attention implementation name set while captures are open (``_HF_DISPATCH``).
+
+    Remembers the implementation it replaced; copies and pickles of the config (a
+    model copied while a capture is open) get that original name back.
+    """
+
+    original: Any
+
+    def __new__(cls, original: Any) -> _DispatchName:
+        obj = super().__new__(cls, _HF_DISPATCH)
+        obj.original = original
+        return obj
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:  # type: ignore[override]
+        return (_plain_value, (self.original,))
+
+
 def _hf_dispatch_attention(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Eager attention for capturing threads, the model's own kernel for others."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -747,8 +776,9 @@ def _hf_dispatch_attention(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if slot is not None:
         original = slot.data
         eager_here = bool(slot.current(False))
-    else:  # the slot was removed between the module's lookup and this call
-        original = getattr(cfg, "_attn_implementation_internal", "eager")
+    else:  # the slot was removed between the module's lookup and this call, or a copy
+        name = getattr(cfg, "_attn_implementation_internal", "eager")
+        original = getattr(name, "original", name)
         eager_here = False
     eager = sys.modules[type(module).__module__].eager_attention_forward
     if eager_here or original in (None, "eager", _HF_DISPATCH):
@@ -773,7 +803,7 @@ def _hf_thread_eager(config: Any, *, per_thread: bool = True) -> contextlib.Abst
         if per_thread and not _HF_REGISTERED:
             AttentionInterface.register(_HF_DISPATCH, _hf_dispatch_attention)
             _HF_REGISTERED = True
-        config._attn_implementation_internal = _HF_DISPATCH if per_thread else "eager"
+        config._attn_implementation_internal = _DispatchName(original) if per_thread else "eager"
 
         def undo() -> None:
             config._attn_implementation_internal = original

@@ -308,3 +308,24 @@ def test_mha_self_attention_with_equal_key_and_value_tensors_is_captured_exactly
     tokens = torch.cat([model.cls.expand(2, -1, -1), model.embed(x).flatten(2).transpose(1, 2)], 1)
     _, own = model.blocks[0].attn(tokens, tokens, tokens)
     torch.testing.assert_close(rec.attentions[0].mean(1), own, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_copy_taken_during_a_capture_is_a_plain_model(name: str) -> None:
+    import copy
+
+    model, size = make_model(name)
+    adapter = adapt(model)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        plain = _to_output_tensor(model(x))
+    with torch.no_grad(), adapter.capture() as rec:
+        clone = copy.deepcopy(model)
+        clone_logits = _to_output_tensor(clone(x))  # on the capturing thread, yet not recorded
+        assert rec.seen == set()
+        adapter.forward(x)
+        assert rec.seen == set(range(adapter.num_layers))
+    assert torch.equal(clone_logits, plain)
+    assert all(type(m.fused_attn) is bool for m in clone.modules() if hasattr(m, "fused_attn"))
+    with torch.no_grad():
+        assert torch.equal(_to_output_tensor(clone(x)), plain)
