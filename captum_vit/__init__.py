@@ -5,6 +5,7 @@ from ._capture import PoolingPath, TokenLayout, UnsupportedModelError, ViTAdapte
 from .attr import (
     AttentionFlow,
     AttentionRollout,
+    AttnLRP,
     GradientRollout,
     PatchOcclusion,
     RawAttention,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionFlow",
     "AttentionRollout",
+    "AttnLRP",
     "GradientRollout",
     "InterrelationResult",
     "MaskingSweepResult",

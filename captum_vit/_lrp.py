@@ -1,0 +1,443 @@
+"""LRP rules as modified gradients, installed per call on one model's instances.
+
+Private to the capture layer and :class:`captum_vit.AttnLRP`: this module knows
+where each family's attention keeps q, k and the input of the output projection,
+which norm and activation modules a ViT uses, and how to turn an LRP rule into a
+gradient modification (relevance = input x modified gradient, as in lxt's
+"efficient" implementation of AttnLRP / CP-LRP).
+
+Every rule is a forward hook (or pre-hook) on one module *instance*, registered
+when :func:`lrp_rules` is entered and removed in ``finally``. Hooks leave every
+forward value unchanged (``value.detach() + (path - path.detach())`` is exactly
+``value``) and act only when the calling thread has entered that very
+:func:`lrp_rules` block: a plain ``model(x)`` or another captum_vit method running
+in another thread at the same time sees the unmodified model and unmodified
+gradients. No class, global flag or forward is patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ._capture import UnsupportedModelError, ViTAdapter, _find_blocks
+
+__all__: list[str] = []
+
+LinearRule = tuple[str, float]  # ("epsilon", 0.0) or ("gamma", g)
+
+#: Module kinds whose linear / convolution layers take a configurable rule.
+LINEAR_KINDS = ("patch_embed", "mlp", "head")
+ATTENTION_RULES = ("cp", "attnlrp")
+IDENTITY_CHOICES = ("identity", "gradient")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Resolved rules of one :class:`~captum_vit.AttnLRP` instance."""
+
+    attention: str
+    norm: str
+    activation: str
+    linear: Mapping[str, LinearRule]
+    epsilon: float
+
+
+# ---------------------------------------------------------------------- gradient tools
+def _swap_grad(value: Tensor, path: Tensor) -> Tensor:
+    """``value`` in the forward pass, the gradient of ``path`` in the backward pass."""
+    return value.detach() + (path - path.detach())
+
+
+def _scale_grad(value: Tensor, factor: float) -> Tensor:
+    """``value`` unchanged, its gradient multiplied by ``factor`` (the uniform rule)."""
+    if factor == 0.0:
+        return value.detach()
+    if factor == 1.0:
+        return value
+    return _swap_grad(value, value * factor)
+
+
+def _stabilize(d: Tensor, eps: float) -> Tensor:
+    """zennit's ``stabilize``: ``d + eps * sign(d)``, with sign(0) = +1."""
+    return d + eps * ((d == 0).to(d) + d.sign())
+
+
+def _ratio(num: Tensor, den: Tensor, eps: float) -> Tensor:
+    """``num / stabilize(den)``, 0 where the stabilised denominator is 0 (eps = 0)."""
+    s = _stabilize(den, eps)
+    return torch.where(s == 0, torch.zeros_like(num), num / torch.where(s == 0, torch.ones_like(s), s))
+
+
+def epsilon_linear(z: Tensor, eps: float) -> Tensor:
+    """LRP-epsilon as a modified gradient: ``R_in = x ⊙ Wᵀ (R_out / (z + ε sign z))``."""
+    return _swap_grad(z, z * _ratio(z, z, eps).detach())
+
+
+def gamma_output(module: nn.Module, x: Tensor, z: Tensor, gamma: float, eps: float) -> Tensor:
+    """zennit's generalised Gamma rule on a linear or convolution as a modified gradient.
+
+    With ``P`` / ``N`` the sums of the positive / negative contributions ``x_i w_ji``,
+    ``z⁺ = z + γ (P + b⁺)`` serves outputs ``z > 0`` and ``z⁻ = z + γ (N + b⁻)``
+    outputs ``z < 0``; the relevance ``R_in = x ⊙ (∂z^±/∂x)ᵀ (R_out / z^±)`` equals
+    zennit's five-pass ``Gamma`` rule. ``P`` and ``N`` come from one extra product
+    ``A = |x| |W|``: ``P = (z - b + A) / 2``, ``N = (z - b - A) / 2``, whose gradient
+    ``(W ± sign(x) |W|) / 2`` is ``W⁺`` / ``W⁻`` on positive / negative inputs.
+    """
+    weight = module.weight
+    bias = getattr(module, "bias", None)
+    if isinstance(module, nn.Linear):
+        a = F.linear(x.abs(), weight.abs())
+        b_shape: tuple[int, ...] = (-1,)
+    else:
+        assert isinstance(module, nn.Conv2d)
+        a = F.conv2d(
+            x.abs(), weight.abs(), None, module.stride, module.padding, module.dilation, module.groups
+        )
+        b_shape = (-1, 1, 1)
+    if bias is not None:
+        b = bias.view(b_shape)
+        zb = z - b
+        b_pos, b_neg = b.clamp(min=0), b.clamp(max=0)
+    else:
+        zb = z
+        b_pos = b_neg = torch.zeros((), dtype=z.dtype, device=z.device)
+    z_pos = z + gamma * ((zb + a) / 2 + b_pos)
+    z_neg = z + gamma * ((zb - a) / 2 + b_neg)
+    z_mod = torch.where(z > 0, z_pos, z_neg)
+    return _swap_grad(z, z_mod * _ratio(z, z_mod, eps).detach())
+
+
+def identity_activation(x: Tensor, y: Tensor) -> Tensor:
+    """The identity rule on an elementwise activation (lxt: ``y / (x + 1e-10)``)."""
+    return _swap_grad(y, x * (y / (x + 1e-10)).detach())
+
+
+def identity_norm(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The identity rule on LayerNorm / RMSNorm: the same output with std detached."""
+    shape = tuple(getattr(module, "normalized_shape", (x.shape[-1],)))
+    dims = tuple(range(-len(shape), 0))
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    eps = getattr(module, "eps", None)
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    xf = x.float()
+    if _is_rms(module):
+        t = xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps).detach()
+    else:
+        mean = xf.mean(dims, keepdim=True)
+        var = ((xf - mean) ** 2).mean(dims, keepdim=True)
+        t = (xf - mean) / (var + eps).sqrt().detach()
+    t = t.to(x.dtype)
+    if isinstance(weight, Tensor):
+        t = t * weight
+    if isinstance(bias, Tensor):
+        t = t + bias
+    return _swap_grad(y, t)
+
+
+# ---------------------------------------------------------------------- model knowledge
+def _is_rms(module: nn.Module) -> bool:
+    return "rms" in type(module).__name__.lower()
+
+
+def _is_norm(module: nn.Module) -> bool:
+    if isinstance(module, nn.LayerNorm) or (hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm)):
+        return True
+    try:
+        from timm.layers import RmsNorm
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return isinstance(module, RmsNorm)
+
+
+_TORCH_ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish)
+_HF_ACTIVATIONS = (
+    "GELUActivation",
+    "GELUTanh",
+    "PytorchGELUTanh",
+    "NewGELUActivation",
+    "FastGELUActivation",
+    "QuickGELUActivation",
+    "AccurateGELUActivation",
+    "SiLUActivation",
+    "MishActivation",
+)
+
+
+def _is_activation(module: nn.Module) -> bool:
+    if isinstance(module, _TORCH_ACTIVATIONS):
+        return True
+    cls = type(module)
+    return cls.__module__ == "transformers.activations" and cls.__name__ in _HF_ACTIVATIONS
+
+
+def _gated_product_site(module: nn.Module) -> nn.Module | None:
+    """For a gated MLP (timm SwiGLU / GluMlp), the module right after the product."""
+    name = type(module).__name__
+    if name in ("SwiGLU", "GluMlp") and type(module).__module__.startswith("timm."):
+        drop1 = getattr(module, "drop1", None)
+        return drop1 if isinstance(drop1, nn.Module) else None
+    if name.endswith("SwiGLUFFN") or name.endswith("GatedMLP"):
+        raise UnsupportedModelError(
+            f"AttnLRP: {name} multiplies its gate functionally; its uniform rule cannot be "
+            "installed on a module (use a model with a plain MLP)"
+        )
+    return None
+
+
+@dataclass
+class _AttentionSite:
+    """Where one layer's attention rule acts.
+
+    kind ``"qk"``: ``q`` / ``k`` are modules whose outputs are the queries / keys,
+    ``out`` the module whose input is ``softmax(q kᵀ) v`` (heads concatenated).
+    kind ``"mha"``: ``module`` is an ``nn.MultiheadAttention`` called as
+    ``(query, key, value)``. kind ``"probs"``: ``module`` outputs the probabilities
+    used downstream (custom models; constant attention only).
+    """
+
+    kind: str
+    module: nn.Module
+    q: nn.Module | None = None
+    k: nn.Module | None = None
+    out: nn.Module | None = None
+
+
+def _attention_site(adapter: ViTAdapter, layer: int) -> _AttentionSite:
+    attn = adapter.attention_modules[layer]
+    if isinstance(attn, nn.MultiheadAttention):
+        return _AttentionSite("mha", attn)
+    if adapter.family == "timm":
+        if getattr(attn, "gate", None) is not None:
+            raise UnsupportedModelError(
+                f"AttnLRP: {type(attn).__name__} of layer {layer} gates its output; gated "
+                "attention has no rule here"
+            )
+        mods = [getattr(attn, n, None) for n in ("q_norm", "k_norm", "proj")]
+        if not all(isinstance(m, nn.Module) for m in mods):
+            raise UnsupportedModelError(
+                f"AttnLRP: timm attention {type(attn).__name__} of layer {layer} has no "
+                "q_norm / k_norm / proj modules"
+            )
+        return _AttentionSite("qk", attn, q=mods[0], k=mods[1], out=mods[2])
+    if adapter.family == "hf":
+        q, k = getattr(attn, "q_proj", None), getattr(attn, "k_proj", None)
+        outs = adapter.out_projections
+        out = outs[layer] if outs is not None else None
+        if not (isinstance(q, nn.Linear) and isinstance(k, nn.Linear) and out is not None):
+            raise UnsupportedModelError(
+                f"AttnLRP: Hugging Face attention {type(attn).__name__} of layer {layer} has no "
+                "q_proj / k_proj / output projection"
+            )
+        return _AttentionSite("qk", attn, q=q, k=k, out=out)
+    return _AttentionSite("probs", attn)
+
+
+@dataclass
+class _Plan:
+    """Every module a rule acts on, found once per model."""
+
+    attention: list[_AttentionSite]
+    blocks: list[nn.Module]
+    norms: list[nn.Module]
+    activations: list[nn.Module]
+    gated: list[nn.Module]
+    block_linears: list[nn.Module]  # MLP linears inside blocks
+    outer_linears: list[nn.Module]  # linears / convolutions outside the blocks
+    skipped: set[int] = field(default_factory=set)
+
+
+def plan(adapter: ViTAdapter) -> _Plan:
+    """Find where every rule acts in ``adapter``'s model (raises for unknown parts)."""
+    model = adapter.model
+    blocks = adapter.blocks or _find_blocks(model, adapter.attention_modules)
+    if blocks is None or len(blocks) != adapter.num_layers:
+        raise UnsupportedModelError(
+            "AttnLRP needs the transformer blocks (one per attention layer): pass blocks= to "
+            "captum_vit.adapt"
+        )
+    sites = [_attention_site(adapter, i) for i in range(adapter.num_layers)]
+    in_attention: set[int] = set()
+    for block, site in zip(blocks, sites, strict=True):
+        for child in block.children():
+            sub = {id(m) for m in child.modules()}
+            if id(site.module) in sub or (site.out is not None and id(site.out) in sub):
+                in_attention |= sub
+    in_blocks = {id(m) for b in blocks for m in b.modules()}
+    norms, acts, gated, block_lin, outer_lin = [], [], [], [], []
+    for m in model.modules():
+        if _is_norm(m):
+            norms.append(m)
+        elif _is_activation(m):
+            acts.append(m)
+        site = _gated_product_site(m)
+        if site is not None:
+            gated.append(site)
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            if id(m) in in_attention:
+                continue  # attention projections: plain gradient (LRP-0)
+            (block_lin if id(m) in in_blocks else outer_lin).append(m)
+    return _Plan(sites, list(blocks), norms, acts, gated, block_lin, outer_lin)
+
+
+# ---------------------------------------------------------------------- the session
+_LOCAL = threading.local()
+
+
+class _Session:
+    """State of one LRP forward pass in one thread."""
+
+    def __init__(self, rules: Rules, capture_layer: int | None) -> None:
+        self.rules = rules
+        self.capture_layer = capture_layer
+        self.in_blocks = False
+        self.block_output: Tensor | None = None
+
+    def active(self) -> bool:
+        return getattr(_LOCAL, "session", None) is self
+
+
+def _linear_rule(session: _Session, kind: str, module: nn.Module, x: Tensor, z: Tensor) -> Tensor | None:
+    name, value = session.rules.linear[kind]
+    if name == "gamma":
+        return gamma_output(module, x, z, value, session.rules.epsilon)
+    if session.rules.epsilon > 0:
+        return epsilon_linear(z, session.rules.epsilon)
+    return None
+
+
+@contextlib.contextmanager
+def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = None) -> Iterator[_Session]:
+    """Apply ``rules`` to forward passes of ``adapter.model`` run in this thread.
+
+    Yields the session; with ``capture_layer=k`` its ``block_output`` holds block
+    ``k``'s output tokens ``(B, N, D)`` after the forward pass.
+    """
+    p = plan(adapter)
+    if rules.attention == "attnlrp" and any(s.kind == "probs" for s in p.attention):
+        raise ValueError(
+            "attention rule 'attnlrp' needs the queries, keys and the attention output of "
+            "each layer, which captum_vit knows for timm, Hugging Face and torchvision "
+            "models only; for a custom model use rules={'attention': 'cp'} (constant "
+            "attention through the captured probabilities)"
+        )
+    session = _Session(rules, capture_layer)
+    handles: list[RemovableHandle] = []
+
+    def out_hook(fn: Callable[[nn.Module, tuple[Any, ...], Any], Any]) -> Callable[..., Any]:
+        def hook(m: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+            if not session.active():
+                return None
+            return fn(m, args, out)
+
+        return hook
+
+    def pre_hook(fn: Callable[[nn.Module, tuple[Any, ...]], Any]) -> Callable[..., Any]:
+        def hook(m: nn.Module, args: tuple[Any, ...]) -> Any:
+            if not session.active():
+                return None
+            return fn(m, args)
+
+        return hook
+
+    def fwd(m: nn.Module, fn: Callable[[nn.Module, tuple[Any, ...], Any], Any]) -> None:
+        handles.append(m.register_forward_hook(out_hook(fn)))
+
+    def pre(m: nn.Module, fn: Callable[[nn.Module, tuple[Any, ...]], Any]) -> None:
+        handles.append(m.register_forward_pre_hook(pre_hook(fn)))
+
+    previous = getattr(_LOCAL, "session", None)
+    try:
+        # Norms first: a timm qk-norm's output then gets the attention rule on top.
+        if rules.norm == "identity":
+            for m in p.norms:
+                fwd(m, lambda mod, args, out: identity_norm(mod, args[0], out))
+        if rules.activation == "identity":
+            for m in p.activations:
+                fwd(m, lambda mod, args, out: identity_activation(args[0], out))
+        for m in p.gated:
+            fwd(m, lambda mod, args, out: _scale_grad(out, 0.5))
+        for m in p.block_linears:
+            fwd(m, lambda mod, args, out: _linear_rule(session, "mlp", mod, args[0], out))
+        for m in p.outer_linears:
+            fwd(
+                m,
+                lambda mod, args, out: _linear_rule(
+                    session, "head" if session.in_blocks else "patch_embed", mod, args[0], out
+                ),
+            )
+        for site in p.attention:
+            _install_attention(site, rules.attention, fwd, pre)
+
+        def enter_blocks(_m: nn.Module, _args: tuple[Any, ...]) -> None:
+            session.in_blocks = True
+
+        pre(p.blocks[0], enter_blocks)
+        if capture_layer is not None:
+
+            def keep(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+                session.block_output = out[0] if isinstance(out, (tuple, list)) else out
+
+            fwd(p.blocks[capture_layer], keep)
+        _LOCAL.session = session
+        yield session
+    finally:
+        _LOCAL.session = previous
+        for h in handles:
+            h.remove()
+
+
+def _install_attention(
+    site: _AttentionSite,
+    rule: str,
+    fwd: Callable[[nn.Module, Callable[..., Any]], None],
+    pre: Callable[[nn.Module, Callable[..., Any]], None],
+) -> None:
+    """CP-LRP: no gradient through the softmax. AttnLRP: the softmax's own gradient
+    (AttnLRP's softmax rule in gradient x input form) and the uniform rule on both
+    matmuls: half of ``softmax(q kᵀ) v``'s relevance to each factor, half of the
+    scores' relevance to q and to k."""
+    qk = 0.0 if rule == "cp" else 0.5
+    if site.kind == "qk":
+        assert site.q is not None and site.k is not None and site.out is not None
+        fwd(site.q, lambda m, a, out: _scale_grad(out, qk))
+        fwd(site.k, lambda m, a, out: _scale_grad(out, qk))
+        if rule == "attnlrp":
+            pre(site.out, lambda m, args: (_scale_grad(args[0], 0.5), *args[1:]))
+    elif site.kind == "mha":
+        v = 1.0 if rule == "cp" else 0.5
+        fac = qk * v
+
+        def mha(m: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            if len(args) < 3:
+                raise UnsupportedModelError(
+                    "AttnLRP: nn.MultiheadAttention must be called with query, key, value "
+                    "positionally"
+                )
+            q, k, val = args[:3]
+            return (_scale_grad(q, fac), _scale_grad(k, fac), _scale_grad(val, v), *args[3:])
+
+        pre(site.module, mha)
+    else:
+
+        def probs(m: nn.Module, a: tuple[Any, ...], out: Any) -> Any:
+            if not isinstance(out, Tensor):
+                raise UnsupportedModelError(
+                    f"AttnLRP: the attention module {type(m).__name__} returns "
+                    f"{type(out).__name__}; constant attention needs a module whose output "
+                    "is the probability tensor used downstream (e.g. the softmax or the "
+                    "attention dropout)"
+                )
+            return out.detach()
+
+        fwd(site.module, probs)
