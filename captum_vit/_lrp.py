@@ -52,18 +52,56 @@ class Rules:
 
 
 # ---------------------------------------------------------------------- gradient tools
-def _swap_grad(value: Tensor, path: Tensor) -> Tensor:
-    """``value`` in the forward pass, the gradient of ``path`` in the backward pass."""
-    return value.detach() + (path - path.detach())
+class _Reroute(torch.autograd.Function):
+    """Forward: a copy of ``value``. Backward: ``g * factor_i`` to each ``source_i``.
+
+    The rules below are all "this output, but with that gradient": one autograd node
+    instead of a chain of elementwise ops keeps their cost near a plain backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, *pairs: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.factors = pairs[1::2]
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        out: list[Tensor | None] = [None]
+        for f in ctx.factors:
+            out.extend([grad * f, None])
+        return tuple(out)
+
+
+class _NormIdentity(torch.autograd.Function):
+    """Forward: a copy of the norm's output. Backward: the norm's gradient with the
+    standard deviation (RMS) held constant: ``(gw - mean(gw)) / σ`` (LayerNorm) or
+    ``gw / rms`` (RMSNorm), ``gw = g ⊙ weight``, over the normalised dims."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, y: Tensor, inv: Tensor, weight: Tensor | None, dims: tuple[int, ...], center: bool
+    ) -> Tensor:
+        ctx.save_for_backward(inv, weight)
+        ctx.dims, ctx.center = dims, center
+        return y.detach().clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        inv, weight = ctx.saved_tensors
+        gw = grad * weight if weight is not None else grad
+        if ctx.center:
+            gw = gw - gw.mean(ctx.dims, keepdim=True)
+        return (gw * inv).to(grad.dtype), None, None, None, None, None
 
 
 def _scale_grad(value: Tensor, factor: float) -> Tensor:
     """``value`` unchanged, its gradient multiplied by ``factor`` (the uniform rule)."""
     if factor == 0.0:
         return value.detach()
-    if factor == 1.0:
+    if factor == 1.0 or not value.requires_grad:
         return value
-    return _swap_grad(value, value * factor)
+    out: Tensor = _Reroute.apply(value, value, torch.tensor(factor, dtype=value.dtype, device=value.device))
+    return out
 
 
 def _stabilize(d: Tensor, eps: float) -> Tensor:
@@ -79,7 +117,12 @@ def _ratio(num: Tensor, den: Tensor, eps: float) -> Tensor:
 
 def epsilon_linear(z: Tensor, eps: float) -> Tensor:
     """LRP-epsilon as a modified gradient: ``R_in = x ⊙ Wᵀ (R_out / (z + ε sign z))``."""
-    return _swap_grad(z, z * _ratio(z, z, eps).detach())
+    if not z.requires_grad:
+        return z
+    with torch.no_grad():
+        c = _ratio(z, z, eps)
+    out: Tensor = _Reroute.apply(z, z, c)
+    return out
 
 
 def gamma_output(module: nn.Module, x: Tensor, z: Tensor, gamma: float, eps: float) -> Tensor:
@@ -89,60 +132,68 @@ def gamma_output(module: nn.Module, x: Tensor, z: Tensor, gamma: float, eps: flo
     ``z⁺ = z + γ (P + b⁺)`` serves outputs ``z > 0`` and ``z⁻ = z + γ (N + b⁻)``
     outputs ``z < 0``; the relevance ``R_in = x ⊙ (∂z^±/∂x)ᵀ (R_out / z^±)`` equals
     zennit's five-pass ``Gamma`` rule. ``P`` and ``N`` come from one extra product
-    ``A = |x| |W|``: ``P = (z - b + A) / 2``, ``N = (z - b - A) / 2``, whose gradient
-    ``(W ± sign(x) |W|) / 2`` is ``W⁺`` / ``W⁻`` on positive / negative inputs.
+    ``A = |x| |W| + |b|``: ``P + b⁺ - b/2 = (z - b + A) / 2`` and
+    ``N + b⁻ - b/2 = (z - b - A) / 2``, whose gradients ``(W ± sign(x) |W|) / 2`` are
+    ``W⁺`` / ``W⁻`` on positive / negative inputs. Hence
+    ``z^± = (1 + γ/2) z ± (γ/2) A`` and ``|z^±| = (1 + γ/2) |z| + (γ/2) A``; the
+    modified gradient sends ``g (1 + γ/2) |z| / |z^±|`` to ``z`` and
+    ``g (γ/2) z / |z^±|`` to ``A`` (zennit's stabiliser adds ``ε`` to ``|z^±|``).
     """
+    if not z.requires_grad:
+        return z
     weight = module.weight
     bias = getattr(module, "bias", None)
+    b_abs = bias.abs() if isinstance(bias, Tensor) else None
     if isinstance(module, nn.Linear):
-        a = F.linear(x.abs(), weight.abs())
-        b_shape: tuple[int, ...] = (-1,)
+        a = F.linear(x.abs(), weight.abs(), b_abs)
     else:
         assert isinstance(module, nn.Conv2d)
         a = F.conv2d(
-            x.abs(), weight.abs(), None, module.stride, module.padding, module.dilation, module.groups
+            x.abs(), weight.abs(), b_abs, module.stride, module.padding, module.dilation, module.groups
         )
-        b_shape = (-1, 1, 1)
-    if bias is not None:
-        b = bias.view(b_shape)
-        zb = z - b
-        b_pos, b_neg = b.clamp(min=0), b.clamp(max=0)
-    else:
-        zb = z
-        b_pos = b_neg = torch.zeros((), dtype=z.dtype, device=z.device)
-    z_pos = z + gamma * ((zb + a) / 2 + b_pos)
-    z_neg = z + gamma * ((zb - a) / 2 + b_neg)
-    z_mod = torch.where(z > 0, z_pos, z_neg)
-    return _swap_grad(z, z_mod * _ratio(z, z_mod, eps).detach())
+    half = gamma / 2
+    with torch.no_grad():
+        z_abs = z.abs()
+        den = torch.add(z_abs, a, alpha=half / (1 + half))  # |z^±| / (1 + γ/2)
+        den = den + eps / (1 + half) if eps > 0 else den.clamp(min=torch.finfo(den.dtype).tiny)
+        q = den.reciprocal_()
+        f_z = z_abs.mul_(q)
+        f_a = q.mul_(z).mul_(half / (1 + half))
+    out: Tensor = _Reroute.apply(z, z, f_z, a, f_a)
+    return out
 
 
 def identity_activation(x: Tensor, y: Tensor) -> Tensor:
     """The identity rule on an elementwise activation (lxt: ``y / (x + 1e-10)``)."""
-    return _swap_grad(y, x * (y / (x + 1e-10)).detach())
+    if not x.requires_grad:
+        return y
+    with torch.no_grad():
+        ratio = y / (x + 1e-10)
+    out: Tensor = _Reroute.apply(y, x, ratio)
+    return out
 
 
 def identity_norm(module: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """The identity rule on LayerNorm / RMSNorm: the same output with std detached."""
+    if not x.requires_grad:
+        return y
     shape = tuple(getattr(module, "normalized_shape", (x.shape[-1],)))
     dims = tuple(range(-len(shape), 0))
     weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
     eps = getattr(module, "eps", None)
     if eps is None:
         eps = torch.finfo(x.dtype).eps
-    xf = x.float()
-    if _is_rms(module):
-        t = xf * torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps).detach()
-    else:
-        mean = xf.mean(dims, keepdim=True)
-        var = ((xf - mean) ** 2).mean(dims, keepdim=True)
-        t = (xf - mean) / (var + eps).sqrt().detach()
-    t = t.to(x.dtype)
-    if isinstance(weight, Tensor):
-        t = t * weight
-    if isinstance(bias, Tensor):
-        t = t + bias
-    return _swap_grad(y, t)
+    rms = _is_rms(module)
+    with torch.no_grad():
+        xf = x.float()
+        if rms:
+            inv = torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
+        else:
+            var = torch.var(xf, dims, unbiased=False, keepdim=True)
+            inv = torch.rsqrt(var + eps)
+    w = weight.detach() if isinstance(weight, Tensor) else None
+    out: Tensor = _NormIdentity.apply(x, y, inv, w, dims, not rms)
+    return out
 
 
 # ---------------------------------------------------------------------- model knowledge
