@@ -142,6 +142,7 @@ def gamma_output(module: nn.Module, x: Tensor, z: Tensor, gamma: float, eps: flo
     if not z.requires_grad:
         return z
     weight = module.weight
+    assert isinstance(weight, Tensor)
     bias = getattr(module, "bias", None)
     b_abs = bias.abs() if isinstance(bias, Tensor) else None
     if isinstance(module, nn.Linear):
@@ -325,15 +326,19 @@ def plan(adapter: ViTAdapter) -> _Plan:
             if id(site.module) in sub or (site.out is not None and id(site.out) in sub):
                 in_attention |= sub
     in_blocks = {id(m) for b in blocks for m in b.modules()}
-    norms, acts, gated, block_lin, outer_lin = [], [], [], [], []
+    norms: list[nn.Module] = []
+    acts: list[nn.Module] = []
+    gated: list[nn.Module] = []
+    block_lin: list[nn.Module] = []
+    outer_lin: list[nn.Module] = []
     for m in model.modules():
         if _is_norm(m):
             norms.append(m)
         elif _is_activation(m):
             acts.append(m)
-        site = _gated_product_site(m)
-        if site is not None:
-            gated.append(site)
+        product = _gated_product_site(m)
+        if product is not None:
+            gated.append(product)
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             if id(m) in in_attention:
                 continue  # attention projections: plain gradient (LRP-0)

@@ -1,0 +1,279 @@
+"""AttnLRP on the bundled DeiT-Tiny and the shared ImageNet sample: faithfulness
+against Chefer relevance and rollout, rule choice on held-out images, and cost.
+
+Two perturbation tests (Chefer et al. 2021), each the negative-minus-positive AUC of
+top-1 accuracy against the ground-truth label over removal fractions 0, 0.1, ..., 0.9,
+explaining the predicted class:
+
+* pixel-zero: the pixels of the removed patches are set to 0 in the normalised input
+  (Chefer et al.'s own test);
+* token-zero: :func:`captum_vit.metrics.perturbation_curve` (patch embedding set to 0).
+
+The images are split once: every 10th image of ``labels.csv`` (50 of 500) is held out
+to choose AttnLRP's default rules (``tune``); ``eval`` reports on the other 450 only.
+
+    python benchmarks/bench_lrp.py tune  --nproc 2    # -> results/lrp_tuning.{csv,md}
+    python benchmarks/bench_lrp.py eval  --nproc 2    # -> results/lrp_eval.{csv,md}
+    python benchmarks/bench_lrp.py speed              # -> results/lrp_speed.md
+
+Run with ``OMP_NUM_THREADS=1``; each worker process uses one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from captum_vit import AttentionRollout, AttnLRP, GradientRollout  # noqa: E402
+from captum_vit.metrics import DEFAULT_FRACTIONS, perturbation_curve, removal_masks, trapezoid_auc  # noqa: E402
+
+IMAGES = ROOT.parent / "shared" / "assets" / "imagenet-sample"
+RESULTS = ROOT / "benchmarks" / "results"
+HOLDOUT_EVERY = 10
+BATCH = 10
+
+#: Rule sets compared on the held-out images (name -> rules for AttnLRP).
+TUNING: dict[str, dict[str, Any]] = {
+    "cp_g0.25_0.05": {"attention": "cp", "patch_embed": ("gamma", 0.25), "mlp": ("gamma", 0.05), "head": ("gamma", 0.05)},
+    "cp_g0.1_0.05": {"attention": "cp", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.05), "head": ("gamma", 0.05)},
+    "cp_g1.0_0.05": {"attention": "cp", "patch_embed": ("gamma", 1.0), "mlp": ("gamma", 0.05), "head": ("gamma", 0.05)},
+    "attnlrp_g0.25_0.05": {"attention": "attnlrp", "patch_embed": ("gamma", 0.25), "mlp": ("gamma", 0.05), "head": ("gamma", 0.05)},
+}
+
+
+def _items(split: str) -> list[tuple[int, str, int]]:
+    with open(IMAGES / "labels.csv", newline="") as fh:
+        rows = [(i, r["file"], int(r["class_index"])) for i, r in enumerate(csv.DictReader(fh))]
+    held = [r for r in rows if r[0] % HOLDOUT_EVERY == 0]
+    return held if split == "tune" else [r for r in rows if r[0] % HOLDOUT_EVERY != 0]
+
+
+def _load(items: Sequence[tuple[int, str, int]], transform: Callable[[Any], Tensor]) -> Tensor:
+    from PIL import Image
+
+    out = []
+    for _, name, _ in items:
+        with Image.open(IMAGES / name) as im:
+            out.append(transform(im.convert("RGB")))
+    return torch.stack(out)
+
+
+def pixel_zero_auc(
+    model: nn.Module, x: Tensor, grid: Tensor, labels: Tensor, order: str, patch: int, clean: Tensor
+) -> Tensor:
+    """AUC of top-1 accuracy when the pixels of removed patches are set to 0
+    (``clean``: the unperturbed predictions, the curve at fraction 0)."""
+    scores = grid.reshape(grid.shape[0], -1).float()
+    masks = removal_masks(scores, DEFAULT_FRACTIONS, order)  # (F, B, P)
+    gh, gw = grid.shape[-2:]
+    curve = []
+    with torch.no_grad():
+        for m in masks:
+            if not m.any():
+                curve.append((clean == labels).float())
+                continue
+            pix = m.reshape(-1, 1, gh, gw).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+            xs = x.masked_fill(pix, 0.0)
+            curve.append((model(xs).argmax(1) == labels).float())
+    return trapezoid_auc(torch.stack(curve, 1), DEFAULT_FRACTIONS)
+
+
+def _explainers(model: nn.Module, split: str) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+    def grid_of(m: Any) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda x, t: m.attribute(x, target=t, return_patch_grid=True)
+
+    if split == "tune":
+        out = {k: grid_of(AttnLRP(model, rules=v)) for k, v in TUNING.items()}
+    else:
+        out = {"attn_lrp": grid_of(AttnLRP(model))}
+    out["chefer"] = grid_of(GradientRollout(model, variant="chefer"))
+    if split != "tune":
+        out["rollout"] = lambda x, t: AttentionRollout(model).attribute(x, return_patch_grid=True)
+    return out
+
+
+def _worker(args: tuple[str, list[tuple[int, str, int]]]) -> list[dict[str, Any]]:
+    split, items = args
+    torch.set_num_threads(1)
+    from captum_vit.models import load_default
+
+    model, transform, _ = load_default()
+    explainers = _explainers(model, split)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(items), BATCH):
+        chunk = items[start : start + BATCH]
+        x = _load(chunk, transform)
+        labels = torch.tensor([c[2] for c in chunk])
+        with torch.no_grad():
+            pred = model(x).argmax(1)
+        for name, fn in explainers.items():
+            t0 = time.perf_counter()
+            grid = fn(x, pred).detach()
+            secs = (time.perf_counter() - t0) / len(chunk)
+            res = {
+                "pix_pos": pixel_zero_auc(model, x, grid, labels, "positive", 16, pred),
+                "pix_neg": pixel_zero_auc(model, x, grid, labels, "negative", 16, pred),
+                "tok_pos": perturbation_curve(model, x, grid, pred, order="positive", labels=labels)[1],
+                "tok_neg": perturbation_curve(model, x, grid, pred, order="negative", labels=labels)[1],
+            }
+            for j, (idx, file, label) in enumerate(chunk):
+                rows.append(
+                    {"index": idx, "file": file, "label": label, "pred": int(pred[j]), "method": name,
+                     "seconds": secs, **{k: float(v[j]) for k, v in res.items()}}
+                )
+        print(f"[{os.getpid()}] {start + len(chunk)}/{len(items)}", flush=True)
+    return rows
+
+
+def _bootstrap(diff: Sequence[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    g = torch.Generator().manual_seed(seed)
+    d = torch.tensor(diff, dtype=torch.float64)
+    idx = torch.randint(0, len(d), (reps, len(d)), generator=g)
+    means = d[idx].mean(1)
+    return float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+def _summary(rows: list[dict[str, Any]], split: str, seconds: float) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["index"]) for m in methods}
+    n = len(by[methods[0]])
+    lines = [
+        f"# AttnLRP on DeiT-Tiny ({'held-out' if split == 'tune' else 'reported'} split: {n} ImageNet images)",
+        "",
+        "Negative-minus-positive AUC of top-1 accuracy (fractions 0..0.9, max 0.9), explaining the "
+        "predicted class; Δ = method − Chefer, paired bootstrap 95% CI over images (2000 resamples).",
+        f"Command: `OMP_NUM_THREADS=1 python benchmarks/bench_lrp.py {split} --nproc 2` ({seconds:.0f} s).",
+        "",
+        "| method | pixel-zero gap | Δ vs Chefer [95% CI] | token-zero gap | Δ vs Chefer [95% CI] | pix pos / neg | tok pos / neg | s / image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ref = by["chefer"]
+    for m in methods:
+        rs = by[m]
+        cells = []
+        for test in ("pix", "tok"):
+            gap = [r[f"{test}_neg"] - r[f"{test}_pos"] for r in rs]
+            ref_gap = [r[f"{test}_neg"] - r[f"{test}_pos"] for r in ref]
+            diff = [a - b for a, b in zip(gap, ref_gap, strict=True)]
+            lo, hi = _bootstrap(diff)
+            cells.append(f"{statistics.fmean(gap):.3f}")
+            cells.append("—" if m == "chefer" else f"{statistics.fmean(diff):+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        pos_neg = [
+            f"{statistics.fmean(r[f'{t}_pos'] for r in rs):.3f} / {statistics.fmean(r[f'{t}_neg'] for r in rs):.3f}"
+            for t in ("pix", "tok")
+        ]
+        secs = statistics.fmean(r["seconds"] for r in rs)
+        lines.append(f"| {m} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {pos_neg[0]} | {pos_neg[1]} | {secs:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_split(split: str, nproc: int, limit: int | None) -> None:
+    items = _items(split)[:limit]
+    chunks = [items[i::nproc] for i in range(nproc)]
+    t0 = time.perf_counter()
+    if nproc == 1:
+        parts = [_worker((split, chunks[0]))]
+    else:
+        with mp.get_context("spawn").Pool(nproc) as pool:
+            parts = pool.map(_worker, [(split, c) for c in chunks])
+    seconds = time.perf_counter() - t0
+    rows = [r for p in parts for r in p]
+    name = "lrp_tuning" if split == "tune" else "lrp_eval"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / f"{name}.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(sorted(rows, key=lambda r: (r["method"], r["index"])))
+    text = _summary(rows, split, seconds)
+    (RESULTS / f"{name}.md").write_text(text)
+    print(text)
+
+
+def speed(repeats: int) -> None:
+    """AttnLRP (defaults) vs a plain forward + input-gradient backward, batch 8, paired."""
+    torch.set_num_threads(1)
+    from captum_vit.models import load_default
+
+    model, _, _ = load_default()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 224, 224, generator=g)
+    lrp = AttnLRP(model)
+
+    def plain() -> None:
+        xg = x.clone().requires_grad_(True)
+        y = model(xg)
+        torch.autograd.grad(y.gather(1, y.argmax(1, keepdim=True)).sum(), xg)
+
+    def ours() -> None:
+        lrp.attribute(x, return_patch_grid=True)
+
+    plain()
+    ours()
+    ratios, base, mine = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plain()
+        t1 = time.perf_counter()
+        ours()
+        t2 = time.perf_counter()
+        base.append(t1 - t0)
+        mine.append(t2 - t1)
+        ratios.append((t2 - t1) / (t1 - t0))
+    text = "\n".join(
+        [
+            "# AttnLRP cost on DeiT-Tiny (batch 8, 224x224, CPU, 1 thread)",
+            "",
+            "Plain = one forward pass and one backward pass of the predicted logits to the input "
+            "(`torch.autograd.grad`, no parameter gradients): the cost of Captum's Saliency / "
+            "InputXGradient. AttnLRP = `AttnLRP(model).attribute(x, return_patch_grid=True)` with the "
+            "default rules (Gamma on the patch embedding, MLPs and head).",
+            f"Command: `OMP_NUM_THREADS=1 python benchmarks/bench_lrp.py speed --repeats {repeats}`.",
+            "",
+            "| | median s | min s |",
+            "|---|---|---|",
+            f"| forward + backward | {statistics.median(base):.3f} | {min(base):.3f} |",
+            f"| AttnLRP | {statistics.median(mine):.3f} | {min(mine):.3f} |",
+            "",
+            f"Median of {repeats} paired ratios: **{statistics.median(ratios):.2f}x** "
+            f"(ratio of minima {min(mine) / min(base):.2f}x).",
+            "",
+        ]
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lrp_speed.md").write_text(text)
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=("tune", "eval", "speed"))
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--limit", type=int, default=None, help="first N images of the split (smoke runs)")
+    p.add_argument("--repeats", type=int, default=11)
+    a = p.parse_args(argv)
+    if a.what == "speed":
+        speed(a.repeats)
+    else:
+        if not math.isfinite(a.nproc) or a.nproc < 1:
+            p.error("--nproc must be >= 1")
+        run_split(a.what, a.nproc, a.limit)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
