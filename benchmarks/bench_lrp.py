@@ -107,8 +107,17 @@ def _explainers(model: nn.Module, split: str) -> dict[str, Callable[[Tensor, Ten
     return out
 
 
-def _worker(args: tuple[str, list[tuple[int, str, int]]]) -> list[dict[str, Any]]:
-    split, items = args
+FIELDS = ["index", "file", "label", "pred", "method", "seconds", "pix_pos", "pix_neg", "tok_pos", "tok_neg"]
+
+
+def _part(split: str, rank: int) -> Path:
+    return RESULTS / f"lrp_{split}.part{rank}.csv"
+
+
+def _worker(args: tuple[str, int, list[tuple[int, str, int]]]) -> list[dict[str, Any]]:
+    """Rows of one process; appended to its part file after every batch (a stopped
+    run leaves complete batches of a random subset: the items are shuffled)."""
+    split, rank, items = args
     torch.set_num_threads(1)
     from captum_vit.models import load_default
 
@@ -136,6 +145,13 @@ def _worker(args: tuple[str, list[tuple[int, str, int]]]) -> list[dict[str, Any]
                     {"index": idx, "file": file, "label": label, "pred": int(pred[j]), "method": name,
                      "seconds": secs, **{k: float(v[j]) for k, v in res.items()}}
                 )
+        part = _part(split, rank)
+        new = not part.exists()
+        with open(part, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=FIELDS)
+            if new:
+                w.writeheader()
+            w.writerows(rows[-len(chunk) * len(explainers) :])
         print(f"[{os.getpid()}] {start + len(chunk)}/{len(items)}", flush=True)
     return rows
 
@@ -183,24 +199,47 @@ def _summary(rows: list[dict[str, Any]], split: str, seconds: float) -> str:
 
 
 def run_split(split: str, nproc: int, limit: int | None) -> None:
-    items = _items(split)[:limit]
+    items = _items(split)
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
+    items = [items[i] for i in order][:limit]
     chunks = [items[i::nproc] for i in range(nproc)]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for rank in range(nproc):
+        _part(split, rank).unlink(missing_ok=True)
     t0 = time.perf_counter()
     if nproc == 1:
-        parts = [_worker((split, chunks[0]))]
+        _worker((split, 0, chunks[0]))
     else:
         with mp.get_context("spawn").Pool(nproc) as pool:
-            parts = pool.map(_worker, [(split, c) for c in chunks])
-    seconds = time.perf_counter() - t0
-    rows = [r for p in parts for r in p]
+            pool.map(_worker, [(split, r, c) for r, c in enumerate(chunks)])
+    write_summary(split, time.perf_counter() - t0)
+
+
+def write_summary(split: str, seconds: float) -> None:
+    """Merge the part files into ``lrp_<tuning|eval>.csv`` and write the Markdown table
+    (images with rows for every method only)."""
+    rows: list[dict[str, Any]] = []
+    for part in sorted(RESULTS.glob(f"lrp_{split}.part*.csv")):
+        with open(part, newline="") as fh:
+            for r in csv.DictReader(fh):
+                rows.append(
+                    {k: v if k in ("file", "method") else int(v) if k in ("index", "label", "pred") else float(v)
+                     for k, v in r.items()}
+                )
+    methods = set(r["method"] for r in rows)
+    per_image: dict[int, int] = {}
+    for r in rows:
+        per_image[r["index"]] = per_image.get(r["index"], 0) + 1
+    rows = [r for r in rows if per_image[r["index"]] == len(methods)]
     name = "lrp_tuning" if split == "tune" else "lrp_eval"
-    RESULTS.mkdir(parents=True, exist_ok=True)
     with open(RESULTS / f"{name}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(sorted(rows, key=lambda r: (r["method"], r["index"])))
     text = _summary(rows, split, seconds)
     (RESULTS / f"{name}.md").write_text(text)
+    for part in RESULTS.glob(f"lrp_{split}.part*.csv"):
+        part.unlink()
     print(text)
 
 
@@ -261,13 +300,15 @@ def speed(repeats: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("tune", "eval", "speed"))
+    p.add_argument("what", choices=("tune", "eval", "speed", "summary-tune", "summary-eval"))
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--limit", type=int, default=None, help="first N images of the split (smoke runs)")
     p.add_argument("--repeats", type=int, default=11)
     a = p.parse_args(argv)
     if a.what == "speed":
         speed(a.repeats)
+    elif a.what.startswith("summary-"):
+        write_summary(a.what.split("-")[1], float("nan"))
     else:
         if not math.isfinite(a.nproc) or a.nproc < 1:
             p.error("--nproc must be >= 1")

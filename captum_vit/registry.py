@@ -180,6 +180,8 @@ _BUILTIN: tuple[MethodEntry, ...] = (
     MethodEntry("grad_rollout_chefer", "Chefer relevance", cls="GradientRollout",
                 defaults={"variant": "chefer"}, aliases=("chefer",),
                 description="GradientRollout variant='chefer' (Chefer et al. 2021)"),
+    MethodEntry("lrp", "AttnLRP", cls="AttnLRP",
+                description="AttnLRP (CP-LRP attention, identity rules, Gamma on patch embedding / MLPs / head)"),
     MethodEntry("patch_occlusion", "patch occlusion", cls="PatchOcclusion", init=("replacement",),
                 call=("window", "stride", "perturbations_per_eval", "show_progress"),
                 defaults={"perturbations_per_eval": 16}, aliases=("occlusion",),

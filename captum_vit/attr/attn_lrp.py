@@ -15,14 +15,8 @@ from torch import Tensor, nn
 from .. import _lrp
 from .._capture import ViTAdapter, resolve_adapter
 from .._compat import log_usage
-from ._common import (
-    TargetType,
-    _check_layer_index,
-    _format_output,
-    _forward_args,
-    _resolve_target,
-    _unpack_inputs,
-)
+from .._utils import TargetType, _forward_args, _resolve_target, _unpack_inputs
+from ._common import _check_layer_index, _format_output
 
 __all__ = ["AttnLRP"]
 
@@ -31,7 +25,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "attention": "cp",
     "norm": "identity",
     "activation": "identity",
-    "patch_embed": ("gamma", 0.25),
+    "patch_embed": ("gamma", 0.1),
     "mlp": ("gamma", 0.05),
     "head": ("gamma", 0.05),
     "epsilon": 1e-6,
@@ -132,10 +126,15 @@ class AttnLRP(GradientAttribution):
     call raises), acting only in the calling thread; forward values are unchanged
     and no flag is switched.
 
-    Defaults (``rules=None``), lxt's ViT recipe, chosen on held-out ImageNet images:
-    ``{"attention": "cp", "norm": "identity", "activation": "identity",
-    "patch_embed": ("gamma", 0.25), "mlp": ("gamma", 0.05), "head": ("gamma", 0.05),
-    "epsilon": 1e-6}``.
+    Defaults (``rules=None``): ``{"attention": "cp", "norm": "identity",
+    "activation": "identity", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.05),
+    "head": ("gamma", 0.05), "epsilon": 1e-6}``, chosen on 50 held-out ImageNet images
+    (every 10th of the shared sample, none of them among the reported ones) with the
+    bundled DeiT-Tiny, by the negative-minus-positive AUC of top-1 accuracy when the
+    pixels of removed patches are set to 0 (token-zero test in brackets): CP with
+    Gamma 0.1 / 0.05 / 0.05 0.485 (0.323); Gamma 0.25 on the patch embedding 0.481
+    (0.321); Gamma 1.0 0.480 (0.309); AttnLRP's softmax rule with Gamma 0.25 / 0.05
+    0.391 (0.265); Chefer relevance on the same images 0.438 (0.286).
 
     Args:
         model (nn.Module): a ViT supported by :func:`captum_vit.adapt`.
