@@ -406,10 +406,12 @@ def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = 
 
         return hook
 
-    def fwd(m: nn.Module, fn: Callable[[nn.Module, tuple[Any, ...], Any], Any]) -> None:
+    # ``channel`` names the rule: one module may carry several (a timm qk-norm gets the
+    # norm rule, then the attention rule on top), each a hook of its own.
+    def fwd(m: nn.Module, fn: Callable[[nn.Module, tuple[Any, ...], Any], Any], channel: str) -> None:
         handles.append(m.register_forward_hook(out_hook(fn)))
 
-    def pre(m: nn.Module, fn: Callable[[nn.Module, tuple[Any, ...]], Any]) -> None:
+    def pre(m: nn.Module, fn: Callable[[nn.Module, tuple[Any, ...]], Any], channel: str) -> None:
         handles.append(m.register_forward_pre_hook(pre_hook(fn)))
 
     previous = getattr(_LOCAL, "session", None)
@@ -417,20 +419,21 @@ def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = 
         # Norms first: a timm qk-norm's output then gets the attention rule on top.
         if rules.norm == "identity":
             for m in p.norms:
-                fwd(m, lambda mod, args, out: identity_norm(mod, args[0], out))
+                fwd(m, lambda mod, args, out: identity_norm(mod, args[0], out), "lrp-norm")
         if rules.activation == "identity":
             for m in p.activations:
-                fwd(m, lambda mod, args, out: identity_activation(args[0], out))
+                fwd(m, lambda mod, args, out: identity_activation(args[0], out), "lrp-activation")
         for m in p.gated:
-            fwd(m, lambda mod, args, out: _scale_grad(out, 0.5))
+            fwd(m, lambda mod, args, out: _scale_grad(out, 0.5), "lrp-gated")
         for m in p.block_linears:
-            fwd(m, lambda mod, args, out: _linear_rule(session, "mlp", mod, args[0], out))
+            fwd(m, lambda mod, args, out: _linear_rule(session, "mlp", mod, args[0], out), "lrp-linear")
         for m in p.outer_linears:
             fwd(
                 m,
                 lambda mod, args, out: _linear_rule(
                     session, "head" if session.in_blocks else "patch_embed", mod, args[0], out
                 ),
+                "lrp-linear",
             )
         for site in p.attention:
             _install_attention(site, rules.attention, fwd, pre)
@@ -438,13 +441,13 @@ def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = 
         def enter_blocks(_m: nn.Module, _args: tuple[Any, ...]) -> None:
             session.in_blocks = True
 
-        pre(p.blocks[0], enter_blocks)
+        pre(p.blocks[0], enter_blocks, "lrp-blocks")
         if capture_layer is not None:
 
             def keep(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
                 session.block_output = out[0] if isinstance(out, (tuple, list)) else out
 
-            fwd(p.blocks[capture_layer], keep)
+            fwd(p.blocks[capture_layer], keep, "lrp-layer")
         _LOCAL.session = session
         yield session
     finally:
@@ -456,8 +459,8 @@ def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = 
 def _install_attention(
     site: _AttentionSite,
     rule: str,
-    fwd: Callable[[nn.Module, Callable[..., Any]], None],
-    pre: Callable[[nn.Module, Callable[..., Any]], None],
+    fwd: Callable[[nn.Module, Callable[..., Any], str], None],
+    pre: Callable[[nn.Module, Callable[..., Any], str], None],
 ) -> None:
     """CP-LRP: no gradient through the softmax. AttnLRP: the softmax's own gradient
     (AttnLRP's softmax rule in gradient x input form) and the uniform rule on both
@@ -466,10 +469,10 @@ def _install_attention(
     qk = 0.0 if rule == "cp" else 0.5
     if site.kind == "qk":
         assert site.q is not None and site.k is not None and site.out is not None
-        fwd(site.q, lambda m, a, out: _scale_grad(out, qk))
-        fwd(site.k, lambda m, a, out: _scale_grad(out, qk))
+        fwd(site.q, lambda m, a, out: _scale_grad(out, qk), "lrp-query")
+        fwd(site.k, lambda m, a, out: _scale_grad(out, qk), "lrp-key")
         if rule == "attnlrp":
-            pre(site.out, lambda m, args: (_scale_grad(args[0], 0.5), *args[1:]))
+            pre(site.out, lambda m, args: (_scale_grad(args[0], 0.5), *args[1:]), "lrp-attention-out")
     elif site.kind == "mha":
         v = 1.0 if rule == "cp" else 0.5
         fac = qk * v
@@ -483,7 +486,7 @@ def _install_attention(
             q, k, val = args[:3]
             return (_scale_grad(q, fac), _scale_grad(k, fac), _scale_grad(val, v), *args[3:])
 
-        pre(site.module, mha)
+        pre(site.module, mha, "lrp-mha")
     else:
 
         def probs(m: nn.Module, a: tuple[Any, ...], out: Any) -> Any:
@@ -496,4 +499,4 @@ def _install_attention(
                 )
             return out.detach()
 
-        fwd(site.module, probs)
+        fwd(site.module, probs, "lrp-probs")
