@@ -6,19 +6,18 @@ which norm and activation modules a ViT uses, and how to turn an LRP rule into a
 gradient modification (relevance = input x modified gradient, as in lxt's
 "efficient" implementation of AttnLRP / CP-LRP).
 
-Every rule is a forward hook (or pre-hook) on one module *instance*, registered
-when :func:`lrp_rules` is entered and removed in ``finally``. Hooks leave every
-forward value unchanged (``value.detach() + (path - path.detach())`` is exactly
-``value``) and act only when the calling thread has entered that very
-:func:`lrp_rules` block: a plain ``model(x)`` or another captum_vit method running
-in another thread at the same time sees the unmodified model and unmodified
-gradients. No class, global flag or forward is patched.
+Every rule is a forward hook (or pre-hook) on one module *instance*, of the capture
+layer's thread-dispatched kind (shared, reference-counted, removed when the last call
+using it returns, also on errors). Hooks leave every forward value unchanged (each
+rule is an autograd node whose forward copies the module's output) and act only for
+the thread that opened :func:`lrp_rules`: a plain ``model(x)`` or another captum_vit
+method running in another thread at the same time sees the unmodified model and
+unmodified gradients. No class, global flag or forward is patched.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +25,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from ._capture import UnsupportedModelError, ViTAdapter, _find_blocks
+from ._capture import (
+    UnsupportedModelError,
+    ViTAdapter,
+    _find_blocks,
+    _thread_forward_hook,
+    _thread_forward_pre_hook,
+)
 
 __all__: list[str] = []
 
@@ -347,20 +351,14 @@ def plan(adapter: ViTAdapter) -> _Plan:
 
 
 # ---------------------------------------------------------------------- the session
-_LOCAL = threading.local()
-
-
 class _Session:
-    """State of one LRP forward pass in one thread."""
+    """State of one LRP forward pass."""
 
     def __init__(self, rules: Rules, capture_layer: int | None) -> None:
         self.rules = rules
         self.capture_layer = capture_layer
         self.in_blocks = False
         self.block_output: Tensor | None = None
-
-    def active(self) -> bool:
-        return getattr(_LOCAL, "session", None) is self
 
 
 def _linear_rule(session: _Session, kind: str, module: nn.Module, x: Tensor, z: Tensor) -> Tensor | None:
@@ -372,12 +370,19 @@ def _linear_rule(session: _Session, kind: str, module: nn.Module, x: Tensor, z: 
     return None
 
 
+Hook = Callable[..., Any]
+
+
 @contextlib.contextmanager
 def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = None) -> Iterator[_Session]:
     """Apply ``rules`` to forward passes of ``adapter.model`` run in this thread.
 
-    Yields the session; with ``capture_layer=k`` its ``block_output`` holds block
-    ``k``'s output tokens ``(B, N, D)`` after the forward pass.
+    Every rule is a hook of the capture layer's thread-dispatched kind
+    (:func:`captum_vit._capture._thread_forward_hook`): shared and reference-counted
+    across threads, acting only for the thread that opened this context, removed
+    when the last context using it closes. Yields the session; with
+    ``capture_layer=k`` its ``block_output`` holds block ``k``'s output tokens
+    ``(B, N, D)`` after the forward pass.
     """
     p = plan(adapter)
     if rules.attention == "attnlrp" and any(s.kind == "probs" for s in p.attention):
@@ -388,38 +393,22 @@ def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = 
             "attention through the captured probabilities)"
         )
     session = _Session(rules, capture_layer)
-    handles: list[RemovableHandle] = []
+    with contextlib.ExitStack() as stack:
 
-    def out_hook(fn: Callable[[nn.Module, tuple[Any, ...], Any], Any]) -> Callable[..., Any]:
-        def hook(m: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
-            if not session.active():
-                return None
-            return fn(m, args, out)
+        # ``channel`` names the rule: one module may carry hooks of several rules.
+        def fwd(m: nn.Module, fn: Hook, channel: str) -> None:
+            stack.enter_context(_thread_forward_hook(m, fn, channel=channel))
 
-        return hook
+        def pre(m: nn.Module, fn: Hook, channel: str) -> None:
+            stack.enter_context(_thread_forward_pre_hook(m, fn, channel=channel))
 
-    def pre_hook(fn: Callable[[nn.Module, tuple[Any, ...]], Any]) -> Callable[..., Any]:
-        def hook(m: nn.Module, args: tuple[Any, ...]) -> Any:
-            if not session.active():
-                return None
-            return fn(m, args)
-
-        return hook
-
-    # ``channel`` names the rule: one module may carry several (a timm qk-norm gets the
-    # norm rule, then the attention rule on top), each a hook of its own.
-    def fwd(m: nn.Module, fn: Callable[[nn.Module, tuple[Any, ...], Any], Any], channel: str) -> None:
-        handles.append(m.register_forward_hook(out_hook(fn)))
-
-    def pre(m: nn.Module, fn: Callable[[nn.Module, tuple[Any, ...]], Any], channel: str) -> None:
-        handles.append(m.register_forward_pre_hook(pre_hook(fn)))
-
-    previous = getattr(_LOCAL, "session", None)
-    try:
-        # Norms first: a timm qk-norm's output then gets the attention rule on top.
+        # A norm that computes queries or keys (timm qk-norm) gets its norm rule inside
+        # the attention rule's hook: one hook, so the order of the two cannot vary.
+        qk_modules = {id(m) for s in p.attention for m in (s.q, s.k) if m is not None}
         if rules.norm == "identity":
             for m in p.norms:
-                fwd(m, lambda mod, args, out: identity_norm(mod, args[0], out), "lrp-norm")
+                if id(m) not in qk_modules:
+                    fwd(m, lambda mod, args, out: identity_norm(mod, args[0], out), "lrp-norm")
         if rules.activation == "identity":
             for m in p.activations:
                 fwd(m, lambda mod, args, out: identity_activation(args[0], out), "lrp-activation")
@@ -435,8 +424,9 @@ def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = 
                 ),
                 "lrp-linear",
             )
+        norm_qk = rules.norm == "identity"
         for site in p.attention:
-            _install_attention(site, rules.attention, fwd, pre)
+            _install_attention(site, rules.attention, norm_qk, fwd, pre)
 
         def enter_blocks(_m: nn.Module, _args: tuple[Any, ...]) -> None:
             session.in_blocks = True
@@ -448,19 +438,15 @@ def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = 
                 session.block_output = out[0] if isinstance(out, (tuple, list)) else out
 
             fwd(p.blocks[capture_layer], keep, "lrp-layer")
-        _LOCAL.session = session
         yield session
-    finally:
-        _LOCAL.session = previous
-        for h in handles:
-            h.remove()
 
 
 def _install_attention(
     site: _AttentionSite,
     rule: str,
-    fwd: Callable[[nn.Module, Callable[..., Any], str], None],
-    pre: Callable[[nn.Module, Callable[..., Any], str], None],
+    norm_qk: bool,
+    fwd: Callable[[nn.Module, Hook, str], None],
+    pre: Callable[[nn.Module, Hook, str], None],
 ) -> None:
     """CP-LRP: no gradient through the softmax. AttnLRP: the softmax's own gradient
     (AttnLRP's softmax rule in gradient x input form) and the uniform rule on both
@@ -469,8 +455,14 @@ def _install_attention(
     qk = 0.0 if rule == "cp" else 0.5
     if site.kind == "qk":
         assert site.q is not None and site.k is not None and site.out is not None
-        fwd(site.q, lambda m, a, out: _scale_grad(out, qk), "lrp-query")
-        fwd(site.k, lambda m, a, out: _scale_grad(out, qk), "lrp-key")
+
+        def qk_rule(m: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+            if norm_qk and _is_norm(m):
+                out = identity_norm(m, args[0], out)
+            return _scale_grad(out, qk)
+
+        fwd(site.q, qk_rule, "lrp-query")
+        fwd(site.k, qk_rule, "lrp-key")
         if rule == "attnlrp":
             pre(site.out, lambda m, args: (_scale_grad(args[0], 0.5), *args[1:]), "lrp-attention-out")
     elif site.kind == "mha":

@@ -20,6 +20,7 @@ from conftest import MODEL_FACTORIES, make_model
 from torch import Tensor, nn
 
 from captum_vit import AttnLRP, GradientRollout, _lrp, adapt
+from captum_vit._capture import _slots_in_use
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN = {"patch_embed": "epsilon", "mlp": "epsilon", "head": "epsilon", "epsilon": 0.0}
@@ -335,12 +336,13 @@ def test_model_unchanged_when_attribute_raises() -> None:
     with pytest.raises(ValueError, match="out of range"):
         AttnLRP(m).attribute(x, target=10_000)  # after the forward pass
     assert _state(m) == state
-    assert getattr(_lrp._LOCAL, "session", None) is None
+    assert _slots_in_use() == 0
 
 
 def test_other_threads_see_the_plain_model() -> None:
     # While this thread's AttnLRP forward pass runs (its hooks installed), another
-    # thread computes a plain input gradient and a Chefer map of the same model.
+    # thread computes a plain input gradient, a Chefer map and AttnLRP with other
+    # rules on the same model: every result is exact.
     m, size = make_model("timm_vit")
     x = torch.randn(1, 3, size, size)
 
@@ -351,6 +353,9 @@ def test_other_threads_see_the_plain_model() -> None:
 
     expected_grad = plain_grad()
     expected_chefer = GradientRollout(m).attribute(x, target=1)
+    other_rules = AttnLRP(m, rules={"attention": "attnlrp", "mlp": "epsilon"})
+    expected_lrp = other_rules.attribute(x, target=1)
+    expected_own = AttnLRP(m).attribute(x, target=1)
     got: dict[str, Tensor] = {}
     lrp_thread = threading.get_ident()
 
@@ -361,6 +366,7 @@ def test_other_threads_see_the_plain_model() -> None:
         def other() -> None:
             got["grad"] = plain_grad()
             got["chefer"] = GradientRollout(m).attribute(x, target=1)
+            got["lrp"] = other_rules.attribute(x, target=1)  # other rules, same modules
 
         t = threading.Thread(target=other)
         t.start()
@@ -368,11 +374,14 @@ def test_other_threads_see_the_plain_model() -> None:
 
     handle = m.blocks[0].register_forward_hook(meanwhile)
     try:
-        AttnLRP(m).attribute(x, target=1)
+        own = AttnLRP(m).attribute(x, target=1)
     finally:
         handle.remove()
     torch.testing.assert_close(got["grad"], expected_grad, rtol=0, atol=0)
     torch.testing.assert_close(got["chefer"], expected_chefer, rtol=0, atol=0)
+    torch.testing.assert_close(got["lrp"], expected_lrp, rtol=0, atol=0)
+    torch.testing.assert_close(own, expected_own, rtol=0, atol=0)
+    assert _slots_in_use() == 0
 
 
 def test_captum_noise_tunnel() -> None:
