@@ -3,6 +3,8 @@
 Captum's ``log_usage`` decorator is untyped; :func:`log_usage` re-exports it with a
 signature mypy understands. Every public ``attribute`` carries it, because Captum
 composes methods (``NoiseTunnel``, ``Occlusion``) through ``attribute.__wrapped__``.
+Progress bars live in :mod:`captum_vit._progress`; ``progress`` here is the same helper,
+kept for callers that still import it from this module.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
-from captum._utils.progress import progress as _captum_progress
 from captum.log import log_usage as _captum_log_usage
+
+from ._progress import progress
 
 __all__ = ["log_usage", "progress"]
 
@@ -21,8 +24,3 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def log_usage(func: _F) -> _F:
     """Captum's ``log_usage()`` decorator, typed (sets ``func.__wrapped__``)."""
     return cast(_F, _captum_log_usage()(func))
-
-
-def progress(*args: Any, **kwargs: Any) -> Any:
-    """Captum's progress-bar helper (tqdm when installed, a simple fallback otherwise)."""
-    return _captum_progress(*args, **kwargs)

@@ -27,9 +27,7 @@ a deprecation warning.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import html
 import json
 import math
 import os
@@ -41,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .registry import METHODS, MethodEntry, resolve_name
+from .registry import METHODS, MethodEntry, available_methods, resolve_name
 
 __all__ = ["EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "METHODS", "main"]
 
@@ -49,8 +47,22 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-_DEMO_IMAGES = ("chelsea", "coffee", "astronaut")
 _HEAD_FUSIONS = ("mean", "max", "min")
+
+#: ``explain`` without ``--method`` (and the demo's first panel): the method that scores
+#: best on the evaluation suite, ``benchmarks/results/eval_deit_tiny_500.md``.
+DEFAULT_METHOD = "grad_rollout"
+_DEFAULT_METHOD_WHY = (
+    "best on the evaluation suite (bundled DeiT-Tiny, 500 ImageNet images + 14 VOC masks, "
+    "benchmarks/results/eval_deit_tiny_500.md): perturbation AUC gap 25.5 (grad_rollout_chefer 24.0, "
+    "rollout_mean 12.7, raw_attention 15.8, random -1.5) and VOC mIoU 64.2 (grad_rollout_chefer 63.9, "
+    "rollout_mean 55.6)"
+)
+#: The command line's discard ratio of each rollout method when --discard-ratio is not
+#: given, chosen on the bundled DeiT-Tiny by ``benchmarks/rollout_defaults.py``
+#: (``benchmarks/results/rollout_defaults.md``); the classes keep DESIGN.md's 0.
+ROLLOUT_DISCARD: dict[str, float] = {"rollout_mean": 0.9, "rollout_max": 0.9, "rollout_min": 0.9}
+_ROLLOUT_WHY = "ROLLOUT_WHY"
 
 
 class CliUsageError(Exception):
@@ -60,9 +72,6 @@ class CliUsageError(Exception):
 # ---------------------------------------------------------------------------- registry
 Explain = Callable[[Any, Any], Any]
 
-#: Methods of ``captum-vit demo`` by default (one per method family; ``--methods``
-#: takes any registry name).
-_DEMO_METHODS = ("raw_attention", "rollout_mean", "grad_rollout", "grad_rollout_chefer", "patch_occlusion", "sift")
 
 
 def __getattr__(name: str) -> Any:
@@ -96,12 +105,18 @@ def _method_names(names: Sequence[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _progress(iterable: Any, enabled: bool, **kwargs: Any) -> Any:
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
+def _bars(opts: argparse.Namespace) -> bool:
+    """Progress bars: not with --quiet / --no-progress, and only on a terminal."""
+    from ._progress import terminal
 
-    return tqdm(iterable, file=sys.stderr, **kwargs)
+    return bool(opts.progress) and not opts.quiet and terminal()
+
+
+def _write(line: str) -> None:
+    """A result line on stdout that does not break an open progress bar."""
+    from ._progress import write
+
+    write(line)
 
 
 def _check_images(paths: Sequence[str]) -> list[Path]:
@@ -246,18 +261,21 @@ def _explainers(
     from ._capture import resolve_adapter
 
     adapter = resolve_adapter(model, None)
-    options = {
+    options: dict[str, Any] = {
         "head_fusion": opts.head_fusion,
         "layer": opts.layer,
         "discard_ratio": opts.discard_ratio,
         "window": opts.window,
         "stride": opts.stride,
         "perturbations_per_eval": opts.perturbations_per_eval,
-        "show_progress": opts.progress,
+        "replacement": opts.occlusion_replacement,
+        "show_progress": False,  # the command's own bar covers the task
         "gamma": opts.gamma,
         "unnormalize": (transform.mean, transform.std),
     }
     options = {k: v for k, v in options.items() if v is not None}
+    if opts.discard_ratio is None:  # per-method keys win over the generic one
+        options.update({f"{name}_discard_ratio": value for name, value in ROLLOUT_DISCARD.items()})
     def bound(run: Any) -> Explain:
         return lambda x, t: run(x, t, torch.arange(x.shape[0]))
 
@@ -272,14 +290,22 @@ def _add_method_options(p: argparse.ArgumentParser, *, window: int = 1, stride: 
         "except rollout_max / rollout_min)",
     )
     g.add_argument("--layer", type=int, default=-1, help="layer for raw attention, 0-based, negative from the end (default: -1)")
+    rollout = ", ".join(f"{k} {v:g}" for k, v in ROLLOUT_DISCARD.items())
     g.add_argument(
-        "--discard-ratio", type=float, default=0.0,
-        help="fraction of smallest attention entries dropped per layer, rollout and grad-rollout (default: 0)",
+        "--discard-ratio", type=float, default=None,
+        help="fraction of smallest attention entries dropped per layer by the rollout methods, "
+        f"grad_rollout and attention_flow (default: {rollout}, else 0). {_ROLLOUT_WHY}",
     )
     g.add_argument("--window", type=int, default=window, help=f"occlusion window in patches (default: {window})")
     g.add_argument(
         "--stride", type=int, default=stride,
         help=f"occlusion stride in patches (default: {stride or 1})",
+    )
+    g.add_argument(
+        "--occlusion-replacement", choices=("drop", "mean", "zero"), default="drop",
+        help="how occlusion removes a window's tokens: drop them from the sequence, replace them by the "
+        "mean token, or zero them (default: drop, the evaluation suite's setting; zeroed tokens are out of "
+        "distribution: on cat-and-coffee they make the cat's own patches count against 'Egyptian cat')",
     )
     g.add_argument(
         "--perturbations-per-eval", type=int, default=32,
@@ -297,17 +323,28 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default=None, help="local weights (.safetensors, or a torch.save state dict)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     g.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars (they show only on a terminal)")
+    g.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors: no progress bars, no per-image lines")
 
 
 def _add_plot_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plot options")
     g.add_argument("--alpha", type=float, default=0.6, help="heat-map opacity in [0, 1] (default: 0.6)")
     g.add_argument("--blur-sigma", type=float, default=None, help="Gaussian blur of the map in pixels (default: none)")
-    g.add_argument("--cmap", default="jet", help="matplotlib colormap (default: jet)")
     g.add_argument(
-        "--normalize", choices=("minmax", "percentile"), default="minmax",
-        help="how maps are scaled for display; percentile clips to the 1st-99th percentile (default: minmax)",
+        "--cmap", default="auto",
+        help="matplotlib colormap, or 'auto': diverging RdBu_r centred at zero for signed maps "
+        "(occlusion), sequential inferno for non-negative ones (default: auto)",
+    )
+    g.add_argument(
+        "--normalize", choices=("auto", "minmax", "percentile", "rank"), default="auto",
+        help="how maps are scaled for display: minmax; percentile clips to the 1st-99th percentile; "
+        "rank spreads colours by percentile rank; auto = rank where min-max would paint most of the "
+        "map hot (SIFT patch scores), else minmax; signed maps are centred at zero (default: auto)",
+    )
+    g.add_argument(
+        "--upsample", choices=("bilinear", "bicubic", "nearest"), default="bilinear",
+        help="patch grid to pixels: bilinear or bicubic (smooth) or nearest (patch edges) (default: bilinear)",
     )
 
 
@@ -318,7 +355,7 @@ def _validate_common(opts: argparse.Namespace) -> None:
         raise CliUsageError(f"--alpha must be in [0, 1], got {opts.alpha}")
     if opts.blur_sigma is not None and not 0 <= opts.blur_sigma < math.inf:
         raise CliUsageError(f"--blur-sigma must be a finite number >= 0, got {opts.blur_sigma}")
-    if not 0.0 <= opts.discard_ratio < 1.0:
+    if opts.discard_ratio is not None and not 0.0 <= opts.discard_ratio < 1.0:
         raise CliUsageError(f"--discard-ratio must be in [0, 1), got {opts.discard_ratio}")
     if opts.window < 1 or opts.perturbations_per_eval < 1 or (opts.stride is not None and opts.stride < 1):
         raise CliUsageError("--window, --stride and --perturbations-per-eval must be >= 1")
@@ -326,7 +363,7 @@ def _validate_common(opts: argparse.Namespace) -> None:
         raise CliUsageError(f"--gamma must be a finite number > 0, got {opts.gamma}")
     from matplotlib import colormaps
 
-    if opts.cmap not in colormaps:
+    if opts.cmap != "auto" and opts.cmap not in colormaps:
         raise CliUsageError(f"unknown --cmap {opts.cmap!r}")
 
 
@@ -378,7 +415,9 @@ def _cmd_explain(opts: argparse.Namespace) -> int:
     stems = _unique_stems(paths)
     records: list[dict[str, Any]] = []
     pairs = list(zip(paths, stems, strict=True))
-    for batch in _progress(list(_batches(pairs, opts.batch_size)), opts.progress, desc="explain", unit="batch"):
+    from ._progress import progress
+
+    for batch in progress(list(_batches(pairs, opts.batch_size)), desc="explain", unit="batch", enabled=_bars(opts)):
         x = torch.stack([transform(p) for p, _ in batch]).to(device)
         with torch.no_grad():
             logits = adapter.forward(x).float()
@@ -404,6 +443,7 @@ def _cmd_explain(opts: argparse.Namespace) -> int:
                     fig = overlay(
                         transform.to_image(x[i]), maps[i], alpha=opts.alpha,
                         blur_sigma=opts.blur_sigma, cmap=opts.cmap, normalize=opts.normalize, title=title,
+                        upsample=opts.upsample,
                     )
                     _figure_png(fig, png)
                     records.append(
@@ -417,131 +457,66 @@ def _cmd_explain(opts: argparse.Namespace) -> int:
         for i, (path, _) in enumerate(batch):
             top = probs[i].topk(min(3, num_classes))
             preds = ", ".join(f"{_short(names[int(c)])} ({int(c)}) {float(p):.2f}" for p, c in zip(top.values, top.indices, strict=True))
-            print(f"{path}: {preds}")
+            if not opts.quiet:
+                _write(f"{path}: {preds}")
     if not single_file:
         (out / "explain.json").write_text(json.dumps(records, indent=1))
-    print(f"wrote {len(records)} overlay(s) and raw map(s) to {out}")
+    if not opts.quiet:
+        _write(f"wrote {len(records)} overlay(s) and raw map(s) to {out}")
     return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- demo
-def _demo_image(name: str) -> Any:
-    from skimage import data
-
-    return getattr(data, name)()
-
-
-def _b64(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+#: Display scaling per method in the demo when ``--normalize auto``: SIFT patch scores
+#: crowd near their maximum, so min-max would paint most patches hot.
+_DEMO_NORMALIZE = {"sift": "rank"}
 
 
 def _cmd_demo(opts: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-    from matplotlib.figure import Figure
-
+    from . import _demo
     from ._capture import resolve_adapter
-    from .attr import RawAttention
-    from .viz import layer_grid, overlay_array
 
     _validate_common(opts)
     start = time.perf_counter()
-    methods = _method_names(opts.methods)
-    for name in opts.images:
-        if name not in _DEMO_IMAGES:
-            raise CliUsageError(f"unknown demo image {name!r}; choose from {', '.join(_DEMO_IMAGES)}")
+    methods = _method_names(opts.methods) if opts.methods is not None else available_methods()
+    methods.sort(key=lambda m: m != DEFAULT_METHOD)  # the best-scoring method first
+    named = [n for n in opts.images if n in _demo.BUILTIN_IMAGES]
+    files = [n for n in opts.images if n not in _demo.BUILTIN_IMAGES]
+    for name in files:
+        if not Path(name).exists() and Path(name).suffix == "":
+            raise CliUsageError(
+                f"unknown demo image {name!r}: neither one of {', '.join(_demo.BUILTIN_IMAGES)} nor an image file"
+            )
+    paths = _check_images(files)
     out = Path(opts.out)
     _check_out_dir(out)
     model, transform, names = _load(opts)
     adapter = resolve_adapter(model, None)
     _check_model_options(opts, adapter, transform)
     _make_dir(out)
-    device = next(model.parameters()).device
+    stems = iter(_unique_stems([Path(n) for n in named] + paths)[len(named):])
+    images = [
+        _demo.builtin_image(n) if n in _demo.BUILTIN_IMAGES else _demo.file_image(Path(n), next(stems))
+        for n in opts.images
+    ]
     explainers = _explainers(methods, model, transform, opts)
-    raw_all = RawAttention(model, adapter=adapter)
-    x = torch.stack([transform(_demo_image(n)) for n in opts.images]).to(device)
-    with torch.no_grad():
-        probs = adapter.forward(x).float().softmax(dim=1)
-    target = probs.argmax(dim=1)
-    maps: dict[str, Any] = {}
-    timings: dict[str, float] = {}
-    for name in _progress(methods, opts.progress, desc="demo", unit="method"):
-        t0 = time.perf_counter()
-        maps[name] = explainers[name](x, target).detach().float().cpu()
-        timings[name] = time.perf_counter() - t0
-    layer_maps = raw_all.attention_maps(x).detach().float().cpu()
-
-    sections = []
-    np.savez(out / "maps.npz", **{f"{img}_{m}": maps[m][i, 0].numpy() for m in methods for i, img in enumerate(opts.images)})
-    for i, img_name in enumerate(opts.images):
-        rgb = transform.to_image(x[i])
-        cols = len(methods) + 1
-        fig = Figure(figsize=(2.6 * cols, 3.0), layout="constrained")
-        axes = fig.subplots(1, cols, squeeze=False)[0]
-        axes[0].imshow(rgb)
-        axes[0].set_title("input", fontsize=10)
-        for ax, name in zip(axes[1:], methods, strict=True):
-            ax.imshow(overlay_array(rgb, maps[name][i], opts.alpha, opts.blur_sigma, opts.cmap, opts.normalize))
-            ax.set_title(METHODS[name].title, fontsize=10)
-        for ax in axes:
-            ax.set_axis_off()
-        cls = int(target[i])
-        fig.suptitle(f"{img_name}: predicted {_short(names[cls])} ({cls}, p={probs[i, cls]:.2f})", fontsize=11)
-        methods_png = _figure_png(fig, out / f"{img_name}_methods.png")
-        layers_png = _figure_png(
-            layer_grid(rgb, layer_maps[i], layers=sorted({0, max(layer_maps.shape[1] // 2 - 1, 0), layer_maps.shape[1] - 1}),
-                       alpha=opts.alpha, blur_sigma=opts.blur_sigma, cmap=opts.cmap, normalize=opts.normalize),
-            out / f"{img_name}_layers.png",
-        )
-        top = probs[i].topk(min(5, len(names)))
-        rows = "".join(
-            f"<tr><td>{int(c)}</td><td>{html.escape(names[int(c)])}</td><td>{float(p):.3f}</td></tr>"
-            for p, c in zip(top.values, top.indices, strict=True)
-        )
-        sections.append(
-            f"<h2>{html.escape(img_name)}</h2>\n<table><tr><th>class</th><th>name</th><th>p</th></tr>{rows}</table>\n"
-            f'<h3>Every method (class-specific ones explain the predicted class)</h3>\n<img alt="{img_name} methods" src="{_b64(methods_png)}">\n'
-            f'<h3>Raw attention of the first, a middle and the last layer</h3>\n<img alt="{img_name} layers" src="{_b64(layers_png)}">\n'
-        )
-    interrelation = ""
-    if "sift" in methods:
-        from .attr import SiftInterrelation
-        from .viz import plot_interrelation
-
-        res = SiftInterrelation(model, adapter=adapter, unnormalize=(transform.mean, transform.std)).analyze(x)
-        png = _figure_png(plot_interrelation(res.summary()), out / "interrelation.png")
-        interrelation = (
-            "<h2>SIFT patch interrelation over the demo images</h2>\n"
-            f"<p>{html.escape(str(res.stages))}</p>\n<img alt=\"interrelation\" src=\"{_b64(png)}\">\n"
-        )
-    elapsed = time.perf_counter() - start
-    timing_rows = "".join(f"<tr><td>{m}</td><td>{timings[m]:.2f}</td></tr>" for m in methods)
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>captum_vit demo</title>
-<style>body{{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}}
-img{{max-width:100%;border:1px solid #ddd}} table{{border-collapse:collapse;margin:.5em 0}}
-td,th{{border:1px solid #ccc;padding:2px 8px;text-align:left}}</style></head><body>
-<h1>captum_vit demo</h1>
-<p>Model: {html.escape(opts.model)} ({html.escape(type(model).__name__)}), {len(opts.images)} image(s),
-methods: {", ".join(METHODS[m].title for m in methods)}. Heat maps are min-max scaled per panel;
-the raw maps are in <code>maps.npz</code>. Total time {elapsed:.1f} s on {html.escape(str(device))}.</p>
-{"".join(sections)}{interrelation}
-<h2>Time per method (all images, seconds)</h2><table><tr><th>method</th><th>s</th></tr>{timing_rows}</table>
-</body></html>
-"""
-    (out / "index.html").write_text(page, encoding="utf-8")
-    (out / "demo.json").write_text(
-        json.dumps(
-            {
-                "model": opts.model, "images": list(opts.images), "methods": methods,
-                "predicted": {img: {"class": int(target[i]), "name": names[int(target[i])], "p": float(probs[i, target[i]])}
-                              for i, img in enumerate(opts.images)},
-                "seconds_per_method": timings, "total_seconds": elapsed,
-            },
-            indent=1,
-        )
+    summary = _demo.run_demo(
+        model=model, adapter=adapter, transform=transform, class_names=names,
+        images=images,
+        methods=[
+            _demo.DemoMethod(m, METHODS[m].title, METHODS[m].class_specific, explainers[m], _DEMO_NORMALIZE.get(m, "auto"))
+            for m in methods
+        ],
+        out=out,
+        plot={"alpha": opts.alpha, "blur_sigma": opts.blur_sigma, "cmap": opts.cmap,
+              "normalize": opts.normalize, "upsample": opts.upsample},
+        model_label=opts.model, progress_enabled=_bars(opts),
     )
-    print(f"demo report: {out / 'index.html'} ({elapsed:.1f} s)")
+    if not opts.quiet:
+        for img, res in summary["results"].items():
+            tg = ", ".join(f"{_short(t['name'])} ({t['class']}) {t['p']:.2f}" for t in res["targets"])
+            _write(f"{img}: targets {tg}")
+        _write(f"demo report: {out / 'index.html'} ({time.perf_counter() - start:.1f} s)")
     return EXIT_OK
 
 
@@ -565,7 +540,9 @@ def _cmd_analyze(opts: argparse.Namespace) -> int:
     kk, nk, focus = [], [], []
     per_image: list[dict[str, Any]] = []
     pairs = list(zip(paths, stems, strict=True))
-    for batch in _progress(list(_batches(pairs, opts.batch_size)), opts.progress, desc="analyze", unit="batch"):
+    from ._progress import progress
+
+    for batch in progress(list(_batches(pairs, opts.batch_size)), desc="analyze", unit="batch", enabled=_bars(opts)):
         x = torch.stack([transform(p) for p, _ in batch]).to(device)
         res = explainer.analyze(x)
         kk.append(res.kk.cpu())
@@ -577,7 +554,8 @@ def _cmd_analyze(opts: argparse.Namespace) -> int:
                 fig = overlay(
                     transform.to_image(x[i]), torch.nan_to_num(scores, nan=0.0)[None],
                     alpha=opts.alpha, blur_sigma=opts.blur_sigma, cmap=opts.cmap,
-                    normalize=opts.normalize, title=f"{path.name}: SIFT patch scores",
+                    normalize="rank" if opts.normalize == "auto" else opts.normalize,
+                    upsample=opts.upsample, title=f"{path.name}: SIFT patch scores",
                 )
                 _figure_png(fig, out / f"{stem}_sift_scores.png")
             per_image.append(
@@ -615,8 +593,9 @@ def _cmd_analyze(opts: argparse.Namespace) -> int:
             indent=1,
         )
     )
-    print(f"stages: {summary.stages}")
-    print(f"wrote the interrelation report for {len(paths)} image(s) to {out}")
+    if not opts.quiet:
+        _write(f"stages: {summary.stages}")
+        _write(f"wrote the interrelation report for {len(paths)} image(s) to {out}")
     return EXIT_OK
 
 
@@ -691,8 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     ex.add_argument(
-        "--method", nargs="+", choices=_method_choices(), default=["rollout_mean"], metavar="METHOD",
-        help=f"one or more of: {', '.join(METHODS)} (default: rollout_mean)",
+        "--method", nargs="+", choices=_method_choices(), default=[DEFAULT_METHOD], metavar="METHOD",
+        help=f"one or more of: {', '.join(METHODS)} (default: {DEFAULT_METHOD}, {_DEFAULT_METHOD_WHY})",
     )
     tg = ex.add_mutually_exclusive_group()
     tg.add_argument("--target", type=int, default=None, metavar="K", help="class index to explain (default: the predicted class)")
@@ -703,15 +682,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plot_options(ex)
     ex.set_defaults(func=_cmd_explain)
 
+    from ._demo import BUILTIN_IMAGES, DEFAULT_IMAGES
+
     demo = sub.add_parser(
-        "demo", help="every method on skimage's chelsea, coffee and astronaut, as an HTML report",
-        description="Run every method on the bundled model (offline) and scikit-image's sample "
-        "images; writes DIR/index.html (self-contained), one PNG per image, maps.npz and demo.json.",
+        "demo", help="every method, two target classes per image, as an HTML report (offline)",
+        description="Run every method on the bundled model (offline) and the demo images: "
+        "cat-and-coffee (scikit-image's chelsea beside coffee: 'Egyptian cat' and 'espresso' in one "
+        "picture), chelsea, coffee, or your own image files. Class-specific methods explain two "
+        "targets per image side by side (each half's class for cat-and-coffee, else the top-2 "
+        "classes). Writes DIR/index.html (self-contained), the PNGs, maps.npz and demo.json.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_argument("--out", required=True, metavar="DIR", help="report directory")
-    demo.add_argument("--images", nargs="+", default=list(_DEMO_IMAGES), metavar="NAME", help=f"subset of {', '.join(_DEMO_IMAGES)}")
-    demo.add_argument("--methods", nargs="+", choices=_method_choices(), default=list(_DEMO_METHODS), metavar="METHOD", help=f"methods of the registry (default: {' '.join(_DEMO_METHODS)})")
+    demo.add_argument(
+        "--images", nargs="+", default=list(DEFAULT_IMAGES), metavar="NAME_OR_FILE",
+        help=f"built-in images ({', '.join(BUILTIN_IMAGES)}) and/or image files (default: {' '.join(DEFAULT_IMAGES)})",
+    )
+    demo.add_argument(
+        "--methods", nargs="+", choices=_method_choices(), default=None, metavar="METHOD",
+        help=f"methods of the registry (default: every available one; {DEFAULT_METHOD} is drawn first: "
+        f"{_DEFAULT_METHOD_WHY})",
+    )
     _add_model_options(demo)
     _add_method_options(demo, window=2, stride=2)
     _add_plot_options(demo)
@@ -729,7 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--no-overlays", dest="overlays", action="store_false", help="skip the per-image patch-score overlays")
     _add_model_options(an)
     _add_plot_options(an)
-    an.set_defaults(func=_cmd_analyze, discard_ratio=0.0, window=1, stride=None, perturbations_per_eval=1)
+    an.set_defaults(
+        func=_cmd_analyze, occlusion_replacement="drop", discard_ratio=None, window=1, stride=None, perturbations_per_eval=1
+    )
 
     sub.add_parser(
         "bench", help="run the benchmark suite (options: captum-vit bench --help)", add_help=False,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._capture import TokenLayout, ViTAdapter, _thread_forward_hook, resolve_adapter
-from ._compat import progress
+from ._progress import progress
 from ._token_masking import check_mask, check_replacement, token_masking
 from ._utils import (
     TargetType,

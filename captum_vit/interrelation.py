@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from ._capture import resolve_adapter
-from ._compat import progress
 from ._interrelation import (
     InterrelationResult,
     InterrelationSummary,
@@ -28,6 +27,7 @@ from ._interrelation import (
     detect_stages,
     interrelation_stats,
 )
+from ._progress import progress
 from ._sift import keypoint_counts, unnormalize_inputs
 from ._token_masking import check_replacement
 from ._utils import _split_batch

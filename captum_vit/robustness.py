@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ._capture import ViTAdapter, _thread_forward_hook, resolve_adapter
-from ._compat import progress
+from ._progress import progress
 from ._token_masking import check_replacement, masked_forward
 from ._utils import _forward_args, _unpack_inputs
 from .attr.attention_rollout import AttentionRollout

@@ -173,6 +173,7 @@ def test_flow_bounded_by_source_cut(name: str) -> None:
     assert (got < 1 - 1e-4).any()  # some patch is held below 1 by its own cut
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_real_deit_flow_is_first_layer_attention_received(real_deit: nn.Module) -> None:
     # On the real DeiT-Tiny the source cut binds for almost every patch: flow equals

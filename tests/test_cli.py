@@ -20,8 +20,16 @@ import pytest
 import torch
 from PIL import Image
 
-from captum_vit.cli import _DEMO_METHODS, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, METHODS, main
-from captum_vit.registry import MethodEntry
+from captum_vit.cli import (
+    DEFAULT_METHOD,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    METHODS,
+    ROLLOUT_DISCARD,
+    main,
+)
+from captum_vit.registry import MethodEntry, available_methods
 
 ENV = {**os.environ, "MPLBACKEND": "Agg"}
 #: Entry-point processes started at once: each spends most of its time importing torch.
@@ -96,7 +104,7 @@ def happy(tiny: dict[str, Path]) -> dict[str, tuple[Result, Path]]:
     commands = {
         "explain": ["explain", tiny["cat"], tiny["camera"], "--method", "rollout", "chefer",
                     "--top-k", "2", "--batch-size", "2", "--out", root / "maps", *_model_args(tiny)],
-        "demo": ["demo", "--images", "chelsea", "--out", root / "demo", *_model_args(tiny)],
+        "demo": ["demo", "--images", "cat-and-coffee", tiny["cat"], "--out", root / "demo", *_model_args(tiny)],
         "analyze": ["analyze", tiny["cat"], tiny["camera"], "--out", root / "analysis", *_model_args(tiny)],
     }
     results = run_cli(*commands.values())
@@ -106,6 +114,7 @@ def happy(tiny: dict[str, Path]) -> dict[str, tuple[Result, Path]]:
     }
 
 
+@pytest.mark.slow
 def test_entry_point_help_and_bad_input(tiny: dict[str, Path]) -> None:
     """Every sub-command through ``python -m captum_vit``: bad input exits 2 with a message
     and no traceback; ``bench --help`` reaches the evaluation suite's own parser."""
@@ -127,6 +136,7 @@ def test_entry_point_help_and_bad_input(tiny: dict[str, Path]) -> None:
         assert "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_explain_top_k_writes_what_the_library_computes(happy, tiny: dict[str, Path]) -> None:
     res, out = happy["explain"]
     assert res.returncode == EXIT_OK, res.stderr
@@ -137,7 +147,9 @@ def test_explain_top_k_writes_what_the_library_computes(happy, tiny: dict[str, P
     model, x = _inputs(tiny, "cat", "camera")
     with torch.no_grad():
         top2 = model(x).topk(2, dim=1).indices
-    rollout = AttentionRollout(model).attribute(x, return_patch_grid=True)
+    rollout = AttentionRollout(
+        model, head_fusion="mean", discard_ratio=ROLLOUT_DISCARD["rollout_mean"]
+    ).attribute(x, return_patch_grid=True)
     for i, stem in enumerate(("cat", "camera")):
         grid = np.load(out / f"{stem}_rollout_mean.npy")
         assert grid.shape == (10, 10)
@@ -152,22 +164,55 @@ def test_explain_top_k_writes_what_the_library_computes(happy, tiny: dict[str, P
     assert "cat.png:" in res.stdout
 
 
-def test_demo_report_with_every_method(happy) -> None:
+@pytest.mark.slow
+def test_demo_report_with_every_method(happy, tiny: dict[str, Path]) -> None:
+    """The composite and a user file: every method, two targets per class-specific method,
+    the best-scoring method first, maps equal to the library's."""
     res, out = happy["demo"]
     assert res.returncode == EXIT_OK, res.stderr
     page = (out / "index.html").read_text()
-    for name in _DEMO_METHODS:
+    for name in available_methods():
         assert METHODS[name].title in page
-    assert page.count('src="data:image/png;base64,') == 3  # methods, layers, interrelation
+    # per image: class-specific (two targets), class-agnostic, layers; plus the interrelation
+    assert page.count('src="data:image/png;base64,') == 2 * 3 + 1
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["methods"] == list(_DEMO_METHODS) and set(summary["predicted"]) == {"chelsea"}
-    w, h = _not_blank(out / "chelsea_methods.png")
-    assert w > 3 * h  # input + 6 methods side by side
+    assert summary["methods"][0] == DEFAULT_METHOD and sorted(summary["methods"]) == sorted(available_methods())
+    assert summary["images"] == ["cat-and-coffee", str(tiny["cat"])]
+    from captum_vit._demo import builtin_image
+
+    model, x_cat = _inputs(tiny, "cat")
+    from captum_vit.models import load_model
+
+    _, transform, _ = load_model("timm:test_vit", weights=tiny["weights"])
+    comp = builtin_image("cat-and-coffee")
+    with torch.no_grad():
+        halves = model(torch.stack([transform(p) for p in comp.parts])).argmax(1).tolist()
+        top2 = model(x_cat).topk(2, dim=1).indices[0].tolist()
+    composite_targets = [t["class"] for t in summary["results"]["cat-and-coffee"]["targets"]]
+    assert composite_targets == (halves if halves[0] != halves[1] else composite_targets)
+    assert [t["class"] for t in summary["results"][str(tiny["cat"])]["targets"]] == top2
+    w, h = _not_blank(out / "cat-and-coffee_targets.png")
+    specific = [m for m in available_methods() if METHODS[m].class_specific]
+    assert w > len(specific) * h / 2  # two rows of (input + class-specific methods)
+    _not_blank(out / "cat_agnostic.png")
     maps = np.load(out / "maps.npz")
-    assert sorted(maps.files) == sorted(f"chelsea_{m}" for m in _DEMO_METHODS)
+    expected = {
+        f"{stem}_{m.name}_class{c}" if m.class_specific else f"{stem}_{m.name}"
+        for stem, targets in (("cat-and-coffee", composite_targets), ("cat", top2))
+        for m in map(METHODS.get, available_methods()) if m is not None for c in (targets if m.class_specific else [0])
+    }
+    assert set(maps.files) == expected
     assert all(maps[f].shape == (10, 10) for f in maps.files)
+    from captum_vit import GradientRollout
+
+    chefer = GradientRollout(model, variant="chefer").attribute(x_cat, target=top2[1], return_patch_grid=True)
+    np.testing.assert_allclose(maps[f"cat_grad_rollout_chefer_class{top2[1]}"], chefer[0, 0].numpy(), rtol=1e-4, atol=1e-6)
+    # piped output: no progress bar, one line per image and the report line
+    assert "%|" not in res.stderr and "it/s" not in res.stderr
+    assert res.stdout.count("targets") == 2 and "demo report:" in res.stdout
 
 
+@pytest.mark.slow
 def test_analyze_report(happy, tiny: dict[str, Path]) -> None:
     res, out = happy["analyze"]
     assert res.returncode == EXIT_OK, res.stderr
@@ -199,7 +244,7 @@ def test_explain_single_file_occlusion(tiny: dict[str, Path], tmp_path: Path) ->
     from captum_vit import PatchOcclusion
 
     model, x = _inputs(tiny, "cat")
-    expected = PatchOcclusion(model).attribute(
+    expected = PatchOcclusion(model, replacement="drop").attribute(
         x, target=3, perturbations_per_eval=32, return_patch_grid=True
     )[0, 0]
     np.testing.assert_allclose(np.load(out.with_suffix(".npy")), expected.numpy(), rtol=1e-4, atol=1e-6)
@@ -258,3 +303,29 @@ def test_exit_codes_for_runtime_failure_and_unsupported_model(
                  "--model", "timm:resnet10t", "--weights", str(tmp_path / "cnn.safetensors"), "--no-progress"])
     assert code == EXIT_USAGE
     assert "unsupported model" in capsys.readouterr().err
+
+
+def test_explain_defaults_quiet_and_help(tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --method explain runs the best-scoring method; --quiet prints nothing; --help
+    gives the choice and its numbers."""
+    out = tmp_path / "maps"
+    assert main(["explain", str(tiny["cat"]), "--out", str(out), "--quiet", *_model_args(tiny)]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    records = json.loads((out / "explain.json").read_text())
+    assert [r["method"] for r in records] == [DEFAULT_METHOD]
+    from captum_vit import GradientRollout
+
+    model, x = _inputs(tiny, "cat")
+    target = int(model(x).argmax())
+    expected = GradientRollout(model, variant="rollout").attribute(x, target=target, return_patch_grid=True)
+    np.testing.assert_allclose(np.load(out / f"cat_{DEFAULT_METHOD}_class{target}.npy"), expected[0, 0].numpy(), rtol=1e-4, atol=1e-7)
+    # not quiet, stdout captured (not a terminal): result lines, no bar
+    assert main(["explain", str(tiny["cat"]), "--out", str(out), *_model_args(tiny)[:-1]]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert captured.out.count("cat.png:") == 1 and "wrote 1 overlay" in captured.out
+    assert captured.err == ""
+    assert main(["explain", "--help"]) == EXIT_OK
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default: {DEFAULT_METHOD}" in text and "25.5" in text and "eval_deit_tiny_500.md" in text
+    assert "rollout_defaults.md" in text

@@ -161,6 +161,7 @@ def _tiny_worker(rank: int, world: int, port: int, methods: list[str], result: A
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_two_gloo_processes_give_the_single_process_table() -> None:
     model, size = make_model(_FAMILY)

@@ -13,8 +13,12 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from captum_vit.viz import (
+    DIVERGING_CMAP,
+    SEQUENTIAL_CMAP,
     attribution_to_map,
+    choose_cmap,
     image_to_array,
+    is_signed,
     layer_grid,
     layer_head_grid,
     most_focused_layers,
@@ -117,6 +121,12 @@ def test_overlay_figure_and_no_pyplot_state() -> None:
     assert len(fig.axes) == 2  # image + colour bar
     assert fig.axes[0].get_title() == "t"
     assert "raw" in fig.axes[1].get_ylabel()
+    bar = fig.axes[1]
+    ticks = [float(t.get_text().replace("−", "-")) for t in bar.get_yticklabels()]
+    from scipy.ndimage import gaussian_filter
+
+    shown_raw = gaussian_filter(attr.mean(0).double().numpy(), 1.0, mode="nearest")  # as drawn
+    assert ticks[0] == pytest.approx(shown_raw.min(), rel=1e-2) and ticks[-1] == pytest.approx(shown_raw.max(), rel=1e-2)
     shown = fig.axes[0].get_images()[0].get_array()
     assert shown.shape == (20, 40, 3)
     w, h = _png_size(fig)
@@ -214,3 +224,71 @@ def test_plot_masking_sweep_draws_actual_ratios() -> None:
         plot_masking_sweep(result, "accuracy")
     with pytest.raises(ValueError, match="metric"):
         plot_masking_sweep(result, "auc")
+
+
+def test_colormap_choice_signed_and_non_negative() -> None:
+    signed = np.array([[-1.0, 0.0], [0.5, 2.0]])
+    positive = np.array([[0.0, 1.0], [2.0, 3.0]])
+    assert is_signed(signed) and not is_signed(positive)
+    assert not is_signed(np.array([-1e-9, 1.0]))  # numerical noise is not a sign
+    assert not is_signed(np.zeros(3))
+    assert choose_cmap(signed) == (DIVERGING_CMAP, True)
+    assert choose_cmap(positive) == (SEQUENTIAL_CMAP, False)
+    assert choose_cmap(signed, "viridis") == ("viridis", True)  # override keeps the centring
+    assert choose_cmap(signed, signed=False) == (SEQUENTIAL_CMAP, False)
+    with pytest.raises(ValueError, match="colormap"):
+        choose_cmap(positive, "no-such-map")
+
+
+def test_signed_scaling_is_centred_at_zero() -> None:
+    v = np.array([-1.0, 0.0, 0.5, 2.0])
+    # zero -> 0.5 (white of the diverging map), ±max|v| -> 0 / 1
+    np.testing.assert_allclose(normalize_map(v, signed=True), [0.25, 0.5, 0.625, 1.0])
+    w = np.array([-4.0, -1.0, 0.0, 1.0, 2.0])
+    hi = np.percentile(np.abs(w), 75)  # 2.0
+    np.testing.assert_allclose(normalize_map(w, "percentile", (0, 75), signed=True), 0.5 + 0.5 * np.clip(w / hi, -1, 1))
+    # rank keeps the sign: |v| ranks 0, 1/4, 2/4, 3/4, 1 for 0, 1, 1, 2, 4 (ties averaged)
+    np.testing.assert_allclose(normalize_map(w, "rank", signed=True), [0.0, 0.5 - 0.5 * 0.375, 0.5, 0.5 + 0.5 * 0.375, 0.5 + 0.5 * 0.75])
+    np.testing.assert_array_equal(normalize_map(np.zeros(3), signed=True), [0.5, 0.5, 0.5])
+    # the overlay of a signed map: zero gets the diverging map's centre colour
+    image = np.zeros((2, 2, 3), dtype=np.uint8)
+    out = overlay_array(image, np.array([[-1.0, 0.0], [1.0, 1.0]]), alpha=1.0, upsample="nearest")
+    centre = np.round(np.array(colormaps[DIVERGING_CMAP](0.5)[:3]) * 255)
+    np.testing.assert_allclose(out[0, 1], centre, atol=1)
+    np.testing.assert_allclose(out[0, 0], np.round(np.array(colormaps[DIVERGING_CMAP](0.0)[:3]) * 255), atol=1)
+
+
+def test_rank_and_auto_scaling() -> None:
+    v = np.array([1.0, 3.0, 2.0, 10.0])
+    np.testing.assert_allclose(normalize_map(v, "rank"), [0.0, 2 / 3, 1 / 3, 1.0])
+    # scores crowded near the top (as SIFT's): min-max puts the median at 0.9 -> auto = rank
+    crowded = np.array([0.0, 0.9, 0.92, 0.95, 1.0])
+    np.testing.assert_allclose(normalize_map(crowded, "auto"), normalize_map(crowded, "rank"))
+    # a peaked map (as rollout's): the median sits low -> auto = min-max
+    peaked = np.array([0.0, 0.05, 0.1, 0.1, 1.0])
+    np.testing.assert_allclose(normalize_map(peaked, "auto"), normalize_map(peaked, "minmax"))
+    # signed maps: auto = symmetric min-max
+    np.testing.assert_allclose(normalize_map(np.array([-2.0, 1.0]), "auto", signed=True), [0.0, 0.75])
+
+
+def test_colour_bar_ticks_in_raw_units() -> None:
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    signed = np.array([[-2.0, 0.0], [1.0, 0.5]])
+    fig = overlay(image, signed, upsample="nearest")
+    labels = [t.get_text().replace("−", "-") for t in fig.axes[1].get_yticklabels()]
+    assert labels == ["-2", "-1", "0", "1", "2"]  # symmetric about zero
+    assert "0 centred" in fig.axes[1].get_ylabel()
+    crowded = np.array([[0.0, 0.9], [0.95, 1.0]])
+    fig = overlay(image, crowded, upsample="nearest")
+    assert "rank" in fig.axes[1].get_ylabel()
+    labels = [float(t.get_text()) for t in fig.axes[1].get_yticklabels()]
+    np.testing.assert_allclose(labels, np.quantile(crowded, [0, 0.25, 0.5, 0.75, 1.0]), rtol=1e-2)
+
+
+def test_bilinear_upsampling_is_smooth_nearest_keeps_patches() -> None:
+    image = np.zeros((8, 8, 3), dtype=np.uint8)
+    grid = np.array([[0.0, 1.0], [0.0, 1.0]])
+    nearest = overlay_array(image, grid, alpha=1.0, cmap="gray", upsample="nearest")[..., 0]
+    smooth = overlay_array(image, grid, alpha=1.0, cmap="gray", upsample="bilinear")[..., 0]
+    assert len(np.unique(nearest[0])) == 2  # two flat patches
+    assert len(np.unique(smooth[0])) > 2 and np.all(np.diff(smooth[0].astype(int)) >= 0)  # a ramp

@@ -12,7 +12,8 @@ from scipy.sparse.csgraph import maximum_flow
 from torch import Tensor, nn
 
 from .._capture import TokenLayout, ViTAdapter, resolve_adapter
-from .._compat import log_usage, progress
+from .._compat import log_usage
+from .._progress import progress
 from .._utils import TargetType, _forward_args, _unpack_inputs
 from ._common import (
     _check_fusion,

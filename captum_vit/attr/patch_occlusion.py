@@ -9,7 +9,8 @@ from captum.attr import PerturbationAttribution
 from torch import Tensor, nn
 
 from .._capture import ViTAdapter, resolve_adapter
-from .._compat import log_usage, progress
+from .._compat import log_usage
+from .._progress import progress
 from .._token_masking import check_replacement, masked_forward
 from .._utils import TargetType, _forward_args, _repeat_args, _resolve_target, _unpack_inputs
 from ._common import _format_output

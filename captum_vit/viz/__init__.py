@@ -11,11 +11,25 @@ from .layers import (
     rollout_statistics,
 )
 from .masking import plot_masking_sweep
-from .overlay import attribution_to_map, image_to_array, normalize_map, overlay, overlay_array
+from .overlay import (
+    DIVERGING_CMAP,
+    SEQUENTIAL_CMAP,
+    attribution_to_map,
+    choose_cmap,
+    image_to_array,
+    is_signed,
+    normalize_map,
+    overlay,
+    overlay_array,
+)
 
 __all__: list[str] = [
+    "DIVERGING_CMAP",
+    "SEQUENTIAL_CMAP",
     "attribution_to_map",
+    "choose_cmap",
     "image_to_array",
+    "is_signed",
     "layer_grid",
     "layer_head_grid",
     "most_focused_layers",

@@ -69,8 +69,8 @@ def layer_grid(
     *,
     alpha: float = 0.6,
     blur_sigma: float | None = None,
-    cmap: str = "jet",
-    normalize: str = "minmax",
+    cmap: str = "auto",
+    normalize: str = "auto",
     panel_size: float = 2.6,
 ) -> Figure:
     """Head-averaged attention of a few layers side by side, over the image.
@@ -83,9 +83,11 @@ def layer_grid(
             the paper's layers 1, 6, 12)
         alpha (float, optional): heat-map weight. Default: 0.6
         blur_sigma (float, optional): Gaussian blur in pixels. Default: None
-        cmap (str, optional): matplotlib colormap. Default: "jet"
-        normalize (str, optional): ``"minmax"`` or ``"percentile"``, per panel.
-            Default: "minmax"
+        cmap (str, optional): matplotlib colormap or ``"auto"`` (see
+            :func:`~captum_vit.viz.choose_cmap`). Default: "auto"
+        normalize (str, optional): ``"auto"``, ``"minmax"``, ``"percentile"`` or
+            ``"rank"``, per panel (see :func:`~captum_vit.viz.normalize_map`).
+            Default: "auto"
         panel_size (float, optional): inches per panel. Default: 2.6
 
     Returns:
@@ -116,8 +118,8 @@ def layer_head_grid(
     *,
     alpha: float = 0.6,
     blur_sigma: float | None = None,
-    cmap: str = "jet",
-    normalize: str = "minmax",
+    cmap: str = "auto",
+    normalize: str = "auto",
     panel_size: float = 1.4,
 ) -> Figure:
     """Every layer (rows) x every head (columns) over the image.
@@ -127,9 +129,11 @@ def layer_head_grid(
         maps (Tensor): ``(L, heads, gh, gw)`` from ``RawAttention.attention_maps``.
         alpha (float, optional): heat-map weight. Default: 0.6
         blur_sigma (float, optional): Gaussian blur in pixels. Default: None
-        cmap (str, optional): matplotlib colormap. Default: "jet"
-        normalize (str, optional): ``"minmax"`` or ``"percentile"``, per panel.
-            Default: "minmax"
+        cmap (str, optional): matplotlib colormap or ``"auto"`` (see
+            :func:`~captum_vit.viz.choose_cmap`). Default: "auto"
+        normalize (str, optional): ``"auto"``, ``"minmax"``, ``"percentile"`` or
+            ``"rank"``, per panel (see :func:`~captum_vit.viz.normalize_map`).
+            Default: "auto"
         panel_size (float, optional): inches per panel. Default: 1.4
 
     Returns:
