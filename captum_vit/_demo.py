@@ -254,9 +254,13 @@ def run_demo(
             files["targets"] = f"{img.stem}_targets.png"
             targets_png = _png(fig, out / files["targets"])
         if agnostic:
-            cols = 1 + len(agnostic)
-            fig = Figure(figsize=(3.1 * cols, 2.9), layout="constrained")
-            axes = fig.subplots(1, cols, squeeze=False)[0]
+            cols = min(1 + len(agnostic), 5)
+            rows = -(-(1 + len(agnostic)) // cols)
+            fig = Figure(figsize=(3.1 * cols, 2.9 * rows), layout="constrained")
+            axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+            for ax in axes[1 + len(agnostic) :]:
+                ax.set_axis_off()
+            axes = axes[: 1 + len(agnostic)]
             axes[0].imshow(rgb)
             axes[0].set_axis_off()
             pred = int(probs[i].argmax())
