@@ -257,15 +257,14 @@ def run_demo(
             cols = min(1 + len(agnostic), 5)
             rows = -(-(1 + len(agnostic)) // cols)
             fig = Figure(figsize=(3.1 * cols, 2.9 * rows), layout="constrained")
-            axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
-            for ax in axes[1 + len(agnostic) :]:
+            cells = list(fig.subplots(rows, cols, squeeze=False).ravel())
+            for ax in cells[1 + len(agnostic) :]:
                 ax.set_axis_off()
-            axes = axes[: 1 + len(agnostic)]
-            axes[0].imshow(rgb)
-            axes[0].set_axis_off()
+            cells[0].imshow(rgb)
+            cells[0].set_axis_off()
             pred = int(probs[i].argmax())
-            axes[0].set_title(f"predicted: {_short(class_names[pred])}\nclass {pred}, p={float(probs[i, pred]):.2f}", fontsize=9)
-            for ax, m in zip(axes[1:], agnostic, strict=True):
+            cells[0].set_title(f"predicted: {_short(class_names[pred])}\nclass {pred}, p={float(probs[i, pred]):.2f}", fontsize=9)
+            for ax, m in zip(cells[1 : 1 + len(agnostic)], agnostic, strict=True):
                 panel(ax, rgb, maps[(m.name, 0)][i], m, f"{m.title}\n(any class)")
             files["agnostic"] = f"{img.stem}_agnostic.png"
             agnostic_png = _png(fig, out / files["agnostic"])

@@ -329,3 +329,16 @@ def test_explain_defaults_quiet_and_help(tiny: dict[str, Path], tmp_path: Path, 
     text = " ".join(capsys.readouterr().out.split())
     assert f"default: {DEFAULT_METHOD}" in text and "25.5" in text and "eval_deit_tiny_500.md" in text
     assert "rollout_defaults.md" in text
+
+
+def test_rollout_discard_defaults_and_override(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The rollout methods use the evaluated discard ratio unless --discard-ratio is given."""
+    from captum_vit import AttentionRollout
+
+    model, x = _inputs(tiny, "cat")
+    for extra, discard in (([], ROLLOUT_DISCARD["rollout_min"]), (["--discard-ratio", "0"], 0.0)):
+        out = tmp_path / f"r{len(extra)}"
+        assert main(["explain", str(tiny["cat"]), "--method", "rollout_min", "--out", str(out), "--quiet",
+                     *extra, *_model_args(tiny)]) == EXIT_OK
+        expected = AttentionRollout(model, head_fusion="min", discard_ratio=discard).attribute(x, return_patch_grid=True)
+        np.testing.assert_allclose(np.load(out / "cat_rollout_min.npy"), expected[0, 0].numpy(), rtol=1e-5, atol=1e-7)
