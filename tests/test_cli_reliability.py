@@ -160,7 +160,9 @@ def test_every_kind_of_image_through_the_entry_point(tiny: dict[str, Path]) -> N
     assert [r["image"] for r in records] == [str(p) for p in kinds.values()]
 
     model, transform, _ = load_model("timm:test_vit", weights=tiny["weights"])
-    rollout = AttentionRollout(model)
+    from captum_vit.cli import ROLLOUT_DISCARD
+
+    rollout = AttentionRollout(model, discard_ratio=ROLLOUT_DISCARD["rollout_mean"])  # the CLI's default
     for record, (kind, path) in zip(records, kinds.items(), strict=True):
         picture = read_image(path)
         expected = rollout.attribute(transform(picture)[None], return_patch_grid=True)[0, 0]
