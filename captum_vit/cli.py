@@ -61,8 +61,14 @@ _DEFAULT_METHOD_WHY = (
 #: The command line's discard ratio of each rollout method when --discard-ratio is not
 #: given, chosen on the bundled DeiT-Tiny by ``benchmarks/rollout_defaults.py``
 #: (``benchmarks/results/rollout_defaults.md``); the classes keep DESIGN.md's 0.
-ROLLOUT_DISCARD: dict[str, float] = {"rollout_mean": 0.9, "rollout_max": 0.9, "rollout_min": 0.9}
-_ROLLOUT_WHY = "ROLLOUT_WHY"
+ROLLOUT_DISCARD: dict[str, float] = {"rollout_mean": 0.9, "rollout_max": 0.9, "rollout_min": 0.0}
+_ROLLOUT_WHY = (
+    "Chosen on the bundled DeiT-Tiny (benchmarks/results/rollout_defaults.md; held-out 50 ImageNet "
+    "images + 14 VOC masks): discard 0.9 lifts rollout_mean's AUC gap from 16.5 to 20.0 and VOC mIoU "
+    "from 56.6 to 61.0 and makes its near-uniform map structured (entropy 0.994 -> 0.905, top-10%% "
+    "mass 0.15 -> 0.36); rollout_max 11.1 -> 22.0 (mIoU 51.5 -> 62.3); rollout_min is best at 0 "
+    "(gap 20.2, mIoU 63.9)"
+)
 
 
 class CliUsageError(Exception):
