@@ -234,6 +234,7 @@ def test_analyze_report(happy, tiny: dict[str, Path]) -> None:
     _not_blank(out / "cat_sift_scores.png")
 
 
+@pytest.mark.slow
 def test_explain_single_file_occlusion(tiny: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "one" / "cat_occlusion.png"
     code = main(["explain", str(tiny["cat"]), "--method", "occlusion", "--target", "3", "--out", str(out),
@@ -331,6 +332,7 @@ def test_explain_defaults_quiet_and_help(tiny: dict[str, Path], tmp_path: Path, 
     assert "rollout_defaults.md" in text
 
 
+@pytest.mark.slow
 def test_rollout_discard_defaults_and_override(tiny: dict[str, Path], tmp_path: Path) -> None:
     """The rollout methods use the evaluated discard ratio unless --discard-ratio is given."""
     from captum_vit import AttentionRollout

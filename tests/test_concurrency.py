@@ -105,6 +105,7 @@ def _run_threads(workers: list[Callable[[], None]]) -> list[BaseException]:
     return errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_threads_get_their_single_threaded_results(name: str) -> None:
     model, size = make_model(name)

@@ -184,6 +184,7 @@ def test_custom_adapter_fields() -> None:
     assert captum_vit.adapt(model, rotary="").droppable
 
 
+@pytest.mark.slow
 def test_every_entry_runs_with_cli_options() -> None:
     """Each registry entry takes the command line's option mapping and gives a patch grid."""
     model, size = make_model("timm_vit")

@@ -114,6 +114,7 @@ def test_library_show_progress_keeps_captums_meaning(monkeypatch: pytest.MonkeyP
             assert "100%" in shown[0]
 
 
+@pytest.mark.slow
 def test_cli_draws_one_bar_on_a_terminal_and_none_when_quiet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
