@@ -6,6 +6,7 @@ Sub-commands::
     captum-vit explain IMAGE... --method rollout chefer --out results/
     captum-vit demo --out demo/
     captum-vit analyze IMAGE... --out report/
+    captum-vit eval --data DIR --methods ... --out DIR [eval options]
     captum-vit bench [bench options]
 
 Exit codes (scripts can rely on them):
@@ -605,6 +606,22 @@ def _cmd_analyze(opts: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------- eval
+def _cmd_eval(argv: Sequence[str]) -> int:
+    from ._eval_cli import eval_main
+
+    try:
+        return eval_main(list(argv))
+    except KeyboardInterrupt:
+        print("captum-vit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if os.environ.get("CAPTUM_VIT_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"captum-vit eval: failed: {err.__class__.__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
 # ---------------------------------------------------------------------------- bench
 def _cmd_bench(argv: Sequence[str]) -> int:
     try:
@@ -731,6 +748,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser(
+        "eval", help="evaluate methods on your model and image folder (options: captum-vit eval --help)",
+        add_help=False,
+    )
+    sub.add_parser(
         "bench", help="run the benchmark suite (options: captum-vit bench --help)", add_help=False,
     )
     return parser
@@ -778,6 +799,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "bench":
         return _cmd_bench(args[1:])
+    if args and args[0] == "eval":
+        return _cmd_eval(args[1:])
     parser = build_parser()
     try:
         opts = parser.parse_args(args)

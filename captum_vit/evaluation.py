@@ -13,9 +13,13 @@ of attribution methods and accumulates, per method,
   the patch grid),
 * seconds per image of the attribution alone, and its ratio to a plain forward pass.
 
-Totals are kept as exact sums and counts; under ``torch.distributed`` (gloo on CPU,
-nccl on GPU) every process takes every ``world_size``-th batch and the sums and counts
-are all-reduced, so the table equals a single-process run (timings aside).
+Every image gives one row per method (image id, every metric, seconds), appended to a
+CSV shard per process as the run goes (``out=``; ``resume=True`` continues a killed
+run); the table (:class:`EvaluationTable`) is computed from the rows: per-method means
+with seeded bootstrap 95% intervals and paired comparisons. Under
+``torch.distributed`` (``torchrun``: gloo on CPU, nccl on GPU) every process takes
+every ``world_size``-th batch, so the table equals a single-process run (timings
+aside). ``captum-vit eval`` (:mod:`captum_vit._eval_cli`) runs it on an image folder.
 
 Methods come from the one method registry, :mod:`captum_vit.registry`
 (:func:`register_method` and :func:`available_methods` are re-exported here); the
@@ -35,18 +39,29 @@ import argparse
 import csv
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._capture import ViTAdapter, resolve_adapter
-from ._compat import progress
+from ._eval_data import EvalDataset, collate
+from ._eval_io import (
+    ERROR_COLUMNS,
+    ShardWriter,
+    bootstrap_ci,
+    error_shard,
+    paired_bootstrap,
+    read_shards,
+    row_shard,
+)
 from ._utils import _split_batch
 from .metrics import (
     DEFAULT_FRACTIONS,
@@ -55,17 +70,21 @@ from .metrics import (
     pointing_game,
     segmentation_scores,
 )
-from .registry import METHODS as _REGISTRY
-from .registry import Explainer, MethodFactory, available_methods, register_method
+from .registry import Explainer, MethodFactory, available_methods, get_method, register_method
 
 __all__ = [
     "METRICS",
+    "ROW_COLUMNS",
+    "EvalDataset",
     "EvaluationTable",
     "Explainer",
     "MethodFactory",
     "available_methods",
     "bench_main",
+    "bootstrap_ci",
+    "collate",
     "evaluate",
+    "paired_bootstrap",
     "register_method",
 ]
 
@@ -87,128 +106,326 @@ _PERCENT = frozenset({"auc_positive", "auc_negative", "auc_gap", "pixel_accuracy
 
 
 # ---------------------------------------------------------------------- the table
+#: Columns of a row shard: one row per image and method.
+ROW_COLUMNS: tuple[str, ...] = (
+    "image_id", "index", "method", "label", "target", *METRICS, "forward_seconds", "rank",
+)
+_INT_COLUMNS = frozenset({"index", "label", "target", "rank"})
+_FLOAT_COLUMNS = frozenset({*METRICS, "forward_seconds"})
+
+
+def _parse_record(row: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"image_id": str(row["image_id"]), "method": str(row["method"])}
+    for c in ROW_COLUMNS:
+        if c in out:
+            continue
+        v = row.get(c, "")
+        if c in _INT_COLUMNS:
+            out[c] = int(v) if v not in ("", None) else -1
+        else:
+            out[c] = float(v) if v not in ("", None) else math.nan
+    return out
+
+
 @dataclass
 class EvaluationTable:
-    """Exact sums and counts per method and metric; values are sum / count.
+    """Per-image rows of an evaluation and the table computed from them.
+
+    Every number of the table comes from :attr:`records`: per method and metric the
+    mean over the images with a finite value, with a seeded percentile bootstrap
+    confidence interval (:meth:`summary`); :meth:`compare` gives the paired mean
+    difference of two methods over the same images. Records are ordered by image id,
+    so the table does not depend on how many processes wrote them or in which order.
 
     Attributes:
         methods (list[str]): row order.
-        sums (dict[str, dict[str, float]]): per method, per metric (:data:`METRICS`),
-            the sum of per-sample values (``seconds``: total attribution seconds).
-        counts (dict[str, dict[str, int]]): the matching numbers of samples (samples
-            with a NaN value, e.g. a mask without foreground, are not counted).
-        forward_seconds (float): total seconds of the plain forward passes.
-        forward_images (int): images in those passes.
+        records (list[dict]): one dict per image and method with the columns of
+            :data:`ROW_COLUMNS` (metrics as fractions, ``seconds`` /
+            ``forward_seconds`` per image; NaN = not measured).
+        errors (list[dict[str, str]]): skipped images, ``{"image_id", "reason"}``.
+
+    Example::
+
+        >>> table = EvaluationTable.load("eval_out")     # the rows written by evaluate
+        >>> print(table.to_markdown())
+        >>> table.compare("grad_rollout_chefer", "rollout_mean")
     """
 
     methods: list[str]
-    sums: dict[str, dict[str, float]] = field(default_factory=dict)
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)
-    forward_seconds: float = 0.0
-    forward_images: int = 0
+    records: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        for m in self.methods:
-            self.sums.setdefault(m, dict.fromkeys(METRICS, 0.0))
-            self.counts.setdefault(m, dict.fromkeys(METRICS, 0))
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Iterable[Mapping[str, Any]],
+        methods: Sequence[str] | None = None,
+        errors: Iterable[Mapping[str, Any]] = (),
+    ) -> EvaluationTable:
+        """Build a table from rows (strings as read from the shards, or values).
 
-    def add(self, method: str, metric: str, values: Tensor) -> None:
-        """Add per-sample values (NaN skipped)."""
-        v = values.detach().double().flatten().cpu()
-        ok = torch.isfinite(v)
-        self.sums[method][metric] += float(v[ok].sum())
-        self.counts[method][metric] += int(ok.sum())
+        A row repeated for the same image and method (a batch rerun after an
+        interrupted write) counts once: the first one is kept.
+
+        Args:
+            rows (Iterable[Mapping]): rows with the columns of :data:`ROW_COLUMNS`.
+            methods (Sequence[str], optional): methods to keep, in this order.
+                Default: None (every method, in order of first appearance)
+            errors (Iterable[Mapping], optional): ``{"image_id", "reason"}`` rows.
+                Default: ()
+
+        Returns:
+            EvaluationTable: the table.
+        """
+        seen: set[tuple[str, str]] = set()
+        records: list[dict[str, Any]] = []
+        order: list[str] = []
+        for row in rows:
+            rec = _parse_record(row)
+            key = (rec["image_id"], rec["method"])
+            if key in seen:
+                continue
+            seen.add(key)
+            records.append(rec)
+            if rec["method"] not in order:
+                order.append(rec["method"])
+        names = list(methods) if methods is not None else order
+        keep = set(names)
+        records = sorted((r for r in records if r["method"] in keep), key=lambda r: (r["image_id"], r["method"]))
+        errs: dict[str, str] = {}
+        for e in errors:
+            errs.setdefault(str(e["image_id"]), str(e.get("reason", "")))
+        done = {r["image_id"] for r in records}
+        err_list = [{"image_id": k, "reason": v} for k, v in sorted(errs.items()) if k not in done]
+        return cls(names, records, err_list)
+
+    @classmethod
+    def load(cls, out: str | os.PathLike[str], methods: Sequence[str] | None = None) -> EvaluationTable:
+        """The table of the row shards in ``out`` (``rows-*.csv``, ``errors-*.csv``).
+
+        Args:
+            out (str or PathLike): the ``out`` folder of :func:`evaluate`.
+            methods (Sequence[str], optional): methods to keep. Default: None (all)
+
+        Returns:
+            EvaluationTable: the table.
+        """
+        return cls.from_rows(read_shards(out), methods, read_shards(out, "errors"))
+
+    # ------------------------------------------------------------ values
+    def values(self, method: str, metric: str) -> np.ndarray:
+        """Finite per-image values of ``metric`` for ``method``, ordered by image id."""
+        v = np.array([r[metric] for r in self.records if r["method"] == method], dtype=np.float64)
+        return v[np.isfinite(v)]
 
     def value(self, method: str, metric: str) -> float:
-        """Mean over samples (``seconds``: per image); NaN when nothing was counted."""
-        n = self.counts[method][metric]
-        return self.sums[method][metric] / n if n else float("nan")
+        """Mean over images (fractions; ``seconds`` per image); NaN when none."""
+        v = self.values(method, metric)
+        return float(v.mean()) if v.size else math.nan
+
+    def count(self, method: str, metric: str) -> int:
+        """Number of images with a finite value."""
+        return int(self.values(method, metric).size)
+
+    @property
+    def image_ids(self) -> list[str]:
+        """The evaluated images' ids, sorted."""
+        return sorted({r["image_id"] for r in self.records})
 
     def forward_per_image(self) -> float:
-        return self.forward_seconds / self.forward_images if self.forward_images else float("nan")
+        """Mean seconds of the plain forward pass per image."""
+        per_image: dict[str, float] = {}
+        for r in self.records:
+            if math.isfinite(r["forward_seconds"]):
+                per_image.setdefault(r["image_id"], r["forward_seconds"])
+        return float(np.mean(list(per_image.values()))) if per_image else math.nan
 
     def merge(self, other: EvaluationTable) -> EvaluationTable:
-        """Sum of two tables (e.g. an ImageNet perturbation run and a VOC mask run)."""
+        """The table of both tables' rows (e.g. an ImageNet run and a VOC run)."""
         methods = self.methods + [m for m in other.methods if m not in self.methods]
-        out = EvaluationTable(methods)
-        for t in (self, other):
-            for m in t.methods:
-                for k in METRICS:
-                    out.sums[m][k] += t.sums[m][k]
-                    out.counts[m][k] += t.counts[m][k]
-            out.forward_seconds += t.forward_seconds
-            out.forward_images += t.forward_images
-        return out
+        return EvaluationTable.from_rows([*self.records, *other.records], methods, [*self.errors, *other.errors])
 
-    def _vector(self) -> Tensor:
-        vals = [self.sums[m][k] for m in self.methods for k in METRICS]
-        vals += [float(self.counts[m][k]) for m in self.methods for k in METRICS]
-        vals += [self.forward_seconds, float(self.forward_images)]
-        return torch.tensor(vals, dtype=torch.float64)
+    # ------------------------------------------------------------ summary
+    def _paired(self, a: str, b: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        va = {r["image_id"]: r[metric] for r in self.records if r["method"] == a}
+        vb = {r["image_id"]: r[metric] for r in self.records if r["method"] == b}
+        ids = sorted(k for k in va.keys() & vb.keys() if math.isfinite(va[k]) and math.isfinite(vb[k]))
+        return np.array([va[k] for k in ids]), np.array([vb[k] for k in ids])
 
-    def _load_vector(self, vec: Tensor) -> None:
-        v = vec.cpu().tolist()
-        n = len(self.methods) * len(METRICS)
-        i = 0
+    def summary(self, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> list[dict[str, Any]]:
+        """Per method and metric: ``n``, ``mean``, ``ci_low``, ``ci_high``.
+
+        AUCs, segmentation scores and the pointing game in percent, FAF/BAF as
+        fractions, ``seconds`` per image; metrics no image has are left out. The
+        interval is :func:`captum_vit._eval_io.bootstrap_ci` with ``seed``.
+
+        Args:
+            n_boot (int, optional): bootstrap resamples. Default: 2000
+            confidence (float, optional): interval coverage. Default: 0.95
+            seed (int, optional): bootstrap seed. Default: 0
+
+        Returns:
+            list[dict]: one dict per (method, metric), in table order.
+        """
+        out = []
         for m in self.methods:
             for k in METRICS:
-                self.sums[m][k] = v[i]
-                self.counts[m][k] = round(v[n + i])
-                i += 1
-        self.forward_seconds, self.forward_images = v[2 * n], round(v[2 * n + 1])
+                v = self.values(m, k)
+                if not v.size:
+                    continue
+                scale = 100.0 if k in _PERCENT else 1.0
+                mean, lo, hi = bootstrap_ci(v, n_boot=n_boot, confidence=confidence, seed=seed)
+                out.append({"method": m, "metric": k, "n": int(v.size), "mean": scale * mean,
+                            "ci_low": scale * lo, "ci_high": scale * hi})
+        return out
 
-    def rows(self) -> list[dict[str, Any]]:
-        """One dict per method: metric means (AUCs and segmentation scores in percent,
-        FAF/BAF as fractions), ``seconds`` per image, ``x_forward`` (attribution time
-        / forward time) and the sample counts ``n_perturbation``, ``n_masks``."""
+    def compare(
+        self, a: str, b: str, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+    ) -> list[dict[str, Any]]:
+        """Paired comparison of methods ``a`` and ``b`` over the same images.
+
+        Per metric: ``n`` images where both have a value, ``mean_a``, ``mean_b`` and
+        ``diff`` = mean of ``a - b`` per image with its bootstrap interval
+        (:func:`captum_vit._eval_io.paired_bootstrap`); units as in :meth:`summary`.
+
+        Args:
+            a (str): first method.
+            b (str): second method.
+            n_boot (int, optional): bootstrap resamples. Default: 2000
+            confidence (float, optional): interval coverage. Default: 0.95
+            seed (int, optional): bootstrap seed. Default: 0
+
+        Returns:
+            list[dict]: one dict per metric both methods have.
+        """
+        for name in (a, b):
+            if name not in self.methods:
+                raise ValueError(f"--compare: method {name!r} is not in the table ({', '.join(self.methods)})")
         out = []
+        for k in METRICS:
+            xa, xb = self._paired(a, b, k)
+            if not xa.size:
+                continue
+            scale = 100.0 if k in _PERCENT else 1.0
+            d, lo, hi = paired_bootstrap(xa, xb, n_boot=n_boot, confidence=confidence, seed=seed)
+            out.append({"a": a, "b": b, "metric": k, "n": int(xa.size), "mean_a": scale * float(xa.mean()),
+                        "mean_b": scale * float(xb.mean()), "diff": scale * d, "ci_low": scale * lo,
+                        "ci_high": scale * hi})
+        return out
+
+    @staticmethod
+    def _fmt(metric: str, v: float) -> str:
+        if math.isnan(v):
+            return "–"
+        if metric in ("seconds", "forward_seconds"):
+            return f"{v:.4f}"
+        if metric in ("faf", "baf"):
+            return f"{v:.3f}"
+        return f"{v:.2f}"
+
+    def to_markdown(self, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> str:
+        """A Markdown table: one row per method, ``mean [low, high]`` per metric,
+        ``x_forward`` (attribution seconds / forward seconds) and the image counts."""
+        summ = self.summary(n_boot=n_boot, confidence=confidence, seed=seed)
+        metrics = [k for k in METRICS if any(s["metric"] == k for s in summ)]
+        cols = ["method", *metrics, "x_forward", "n_perturbation", "n_masks"]
+        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         fwd = self.forward_per_image()
         for m in self.methods:
-            row: dict[str, Any] = {"method": m}
-            for k in METRICS:
-                val = self.value(m, k)
-                row[k] = 100.0 * val if k in _PERCENT else val
-            row["x_forward"] = row["seconds"] / fwd if fwd > 0 else float("nan")
-            row["n_perturbation"] = self.counts[m]["auc_positive"]
-            row["n_masks"] = self.counts[m]["faf"]
-            out.append(row)
-        return out
-
-    def columns(self) -> list[str]:
-        return ["method", *METRICS, "x_forward", "n_perturbation", "n_masks"]
-
-    def to_csv(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`rows` as CSV (full precision)."""
-        with open(path, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.columns())
-            w.writeheader()
-            for row in self.rows():
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-    def to_markdown(self) -> str:
-        """A Markdown table: AUCs and segmentation in percent, FAF/BAF fractions."""
-        cols = self.columns()
-        lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for row in self.rows():
-            cells = []
-            for c in cols:
-                v = row[c]
-                if isinstance(v, float):
-                    if math.isnan(v):
-                        cells.append("–")
-                    elif c == "seconds":
-                        cells.append(f"{v:.4f}")
-                    elif c in ("faf", "baf"):
-                        cells.append(f"{v:.3f}")
-                    else:
-                        cells.append(f"{v:.2f}")
-                else:
-                    cells.append(str(v))
+            by = {s["metric"]: s for s in summ if s["method"] == m}
+            cells = [m]
+            for k in metrics:
+                s = by.get(k)
+                cells.append(
+                    "–" if s is None else
+                    f"{self._fmt(k, s['mean'])} [{self._fmt(k, s['ci_low'])}, {self._fmt(k, s['ci_high'])}]"
+                )
+            ratio = self.value(m, "seconds") / fwd if fwd and math.isfinite(fwd) else math.nan
+            cells += [self._fmt("x", ratio), str(self.count(m, "auc_positive")), str(self.count(m, "pixel_accuracy"))]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
+    def compare_markdown(self, a: str, b: str, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> str:
+        """:meth:`compare` as a Markdown table."""
+        rows = self.compare(a, b, n_boot=n_boot, confidence=confidence, seed=seed)
+        lines = [f"| metric | n | {a} | {b} | {a} − {b} [{confidence:.0%} CI] |", "|---|---|---|---|---|"]
+        for r in rows:
+            k = r["metric"]
+            lines.append(
+                f"| {k} | {r['n']} | {self._fmt(k, r['mean_a'])} | {self._fmt(k, r['mean_b'])} | "
+                f"{self._fmt(k, r['diff'])} [{self._fmt(k, r['ci_low'])}, {self._fmt(k, r['ci_high'])}] |"
+            )
+        return "\n".join(lines) + "\n"
+
+    def summary_lines(self, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> list[str]:
+        """One line per method: image count, the headline metrics with intervals and
+        seconds per image."""
+        summ = self.summary(n_boot=n_boot, confidence=confidence, seed=seed)
+        lines = []
+        for m in self.methods:
+            parts = [f"{m}: {len({r['image_id'] for r in self.records if r['method'] == m})} images"]
+            for s in summ:
+                if s["method"] == m and s["metric"] in ("auc_gap", "miou", "pointing", "faf", "seconds"):
+                    k = s["metric"]
+                    parts.append(f"{k} {self._fmt(k, s['mean'])} [{self._fmt(k, s['ci_low'])}, {self._fmt(k, s['ci_high'])}]")
+            lines.append(", ".join(parts))
+        return lines
+
+    def to_csv(self, path: str | os.PathLike[str], *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> None:
+        """Write :meth:`summary` as CSV (``method, metric, n, mean, ci_low, ci_high``)."""
+        _write_csv(path, ["method", "metric", "n", "mean", "ci_low", "ci_high"],
+                   self.summary(n_boot=n_boot, confidence=confidence, seed=seed))
+
+    def compare_to_csv(self, path: str | os.PathLike[str], a: str, b: str, *, n_boot: int = 2000,
+                       confidence: float = 0.95, seed: int = 0) -> None:
+        """Write :meth:`compare` as CSV."""
+        _write_csv(path, ["a", "b", "metric", "n", "mean_a", "mean_b", "diff", "ci_low", "ci_high"],
+                   self.compare(a, b, n_boot=n_boot, confidence=confidence, seed=seed))
+
+
+def _write_csv(path: str | os.PathLike[str], columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write a small CSV atomically (temporary file, then rename)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(columns), lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in columns})
+    os.replace(tmp, target)
+
+
+def _write_text(path: str | os.PathLike[str], text: str) -> None:
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+
 
 # ---------------------------------------------------------------------- evaluate
+class _Batch(NamedTuple):
+    images: Tensor
+    labels: Tensor | None
+    masks: Tensor | None
+    positions: Tensor | None
+    ids: list[str] | None
+    has_mask: Tensor | None
+    errors: list[tuple[str, str]]
+
+
+def _split_eval_batch(batch: Any) -> _Batch:
+    """:func:`captum_vit._utils._split_batch` plus, for dict batches (as
+    :func:`collate` gives), the image ids, has-mask flags and skipped images."""
+    x, labels, masks, index = _split_batch(batch)
+    if not isinstance(batch, Mapping):
+        return _Batch(x, labels, masks, index, None, None, [])
+    ids = batch.get("id")
+    return _Batch(
+        x, labels, masks, index, None if ids is None else [str(i) for i in ids], batch.get("has_mask"),
+        [(str(i), str(r)) for i, r in batch.get("errors", ())],
+    )
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -220,6 +437,27 @@ def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def _factory(name: str) -> MethodFactory:
+    """The registry's factory of method ``name``."""
+    return get_method(name).factory
+
+
+def _nan_filled(n: int, sel: Tensor, values: Tensor) -> list[float]:
+    out = [math.nan] * n
+    for i, v in zip(sel.tolist(), values.detach().double().cpu().tolist(), strict=True):
+        out[i] = float(v)
+    return out
 
 
 def evaluate(
@@ -238,10 +476,13 @@ def evaluate(
     method_options: Mapping[str, Any] | None = None,
     device: str | torch.device | None = None,
     max_batch: int | None = None,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    shard: bool = True,
     show_progress: bool = True,
     total: int | None = None,
 ) -> EvaluationTable:
-    r"""Run every method over a dataset and accumulate the evaluation table.
+    r"""Run methods over a dataset, writing one row per image and method.
 
     For each batch: one plain forward pass (timed) gives the predicted class, which
     every method explains (the paper's "predicted class" setting); each method's
@@ -250,7 +491,7 @@ def evaluate(
     * ``perturbation``: :func:`~captum_vit.metrics.perturbation_curve`, positive and
       negative, with ``metric`` — top-1 accuracy against the batch's labels where
       they are ``>= 0`` (Chefer et al.), otherwise against the prediction;
-      ``auc_gap`` = negative − positive AUC per sample;
+      ``auc_gap`` = negative − positive AUC per image;
     * ``masks`` (batches that carry masks aligned with the inputs, see
       :func:`captum_vit.metrics.align_mask`):
       :func:`~captum_vit.metrics.segmentation_scores` and
@@ -258,13 +499,25 @@ def evaluate(
       input size, and :func:`~captum_vit.metrics.foreground_fraction` on the grid.
 
     Batches are ``images``, ``(images, labels[, masks[, indices]])`` or a dict with
-    ``"image"`` and optional ``"label"``, ``"mask"``, ``"index"`` (dataset indices;
-    default: running position). Labels ``< 0`` mean unknown.
+    ``"image"`` and optional ``"label"`` (``< 0``: unknown), ``"mask"``,
+    ``"has_mask"`` (bool per image), ``"index"`` (dataset positions, default the
+    running position), ``"id"`` (image ids, default ``str(index)``) and ``"errors"``
+    (``(id, reason)`` of images the loader skipped; recorded, see
+    :func:`captum_vit.evaluation.collate`).
 
-    Distributed: when ``torch.distributed`` is initialised, process ``r`` of ``W``
-    handles batches ``r, r + W, …`` of ``data`` (pass the same, unsharded loader to
-    every process) and sums and counts are all-reduced, so every process returns the
-    table of the whole dataset.
+    Rows: with ``out``, each process appends its rows to ``out/rows-RRRRR.csv`` (and
+    skipped images to ``out/errors-RRRRR.csv``) after every batch; ``resume=True``
+    skips every (image, method) already in ``out``'s shards, so a killed run picks up
+    where it stopped and gives the same table. A batch some of whose rows are
+    missing is run again whole (same batch, same numbers) and only the missing rows
+    are written.
+
+    Distributed: when ``torch.distributed`` is initialised (e.g. under ``torchrun``)
+    and ``shard=True``, process ``r`` of ``W`` handles batches ``r, r + W, …`` of
+    ``data`` (pass the same, unsharded loader to every process); pass ``shard=False``
+    when each process already gets only its own batches. Every process returns the
+    table of the whole run: read back from ``out`` (which must then be on a file system
+    all processes see) or gathered over the process group.
 
     Args:
         model (nn.Module): the ViT (eval mode).
@@ -291,18 +544,26 @@ def evaluate(
         device (str or torch.device, optional): where to run; ``None`` = the
             model's device. Default: None
         max_batch (int, optional): perturbed images per forward pass. Default: None
-        show_progress (bool, optional): progress bar on process 0. Default: True
-        total (int, optional): number of batches, for the progress bar.
-            Default: None (``len(data)`` when defined)
+        out (str or PathLike, optional): folder for the row shards. Default: None
+            (rows kept in memory only)
+        resume (bool, optional): continue the run whose shards are in ``out``.
+            Without it, an ``out`` that already holds rows is an error. Default: False
+        shard (bool, optional): split ``data`` by batch over the processes of an
+            initialised process group. Default: True
+        show_progress (bool, optional): a progress bar per process (images/s, ETA).
+            Default: True
+        total (int, optional): images this process will see, for the bar.
+            Default: None (from ``len(data.dataset)`` when available)
 
     Returns:
-        EvaluationTable: sums and counts per method; ``.to_markdown()``,
-        ``.to_csv(path)``.
+        EvaluationTable: every row of the run (with ``out``: of all its shards);
+        ``.summary()``, ``.compare(a, b)``, ``.to_markdown()``, ``.to_csv(path)``.
 
     Example::
 
-        >>> loader = DataLoader(dataset, batch_size=8)
-        >>> table = evaluate(model, loader, ["rollout_mean", "grad_rollout_chefer", "random"])
+        >>> loader = DataLoader(dataset, batch_size=8, collate_fn=collate)
+        >>> table = evaluate(model, loader, ["rollout_mean", "grad_rollout_chefer", "random"],
+        ...                  out="eval_out", resume=True)
         >>> print(table.to_markdown())
     """
     ad = resolve_adapter(model, adapter)
@@ -313,77 +574,153 @@ def evaluate(
         raise ValueError(f"unknown or unavailable method(s) {unknown}; available: {known}")
     if not names:
         raise ValueError("no methods to evaluate")
+    if len(set(names)) != len(names):
+        raise ValueError(f"methods listed twice: {names}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     options = dict(method_options or {})
-    explainers = {n: _REGISTRY[n].factory(model, ad, options) for n in names}
-    table = EvaluationTable(names)
     rank, world = _dist_info()
-    if total is None and hasattr(data, "__len__"):
-        total = len(data)  # type: ignore[arg-type]
-    iterator: Iterable[Any] = data
-    if show_progress and rank == 0:
-        iterator = progress(data, desc="evaluate", total=total)
+    done: set[tuple[str, str]] = set()
+    errors_done: set[str] = set()
+    if out is not None:
+        existing = read_shards(out)
+        if existing and not resume:
+            raise ValueError(f"{out} already holds the rows of a run: pass resume=True to continue it, or use an empty folder")
+        done = {(r["image_id"], r["method"]) for r in existing}
+        errors_done = {r["image_id"] for r in read_shards(out, "errors")}
+        if world > 1:
+            _barrier()  # every process has looked before any creates its shard
+    explainers = {n: _factory(n)(model, ad, options) for n in names}
+    writer = ShardWriter(row_shard(out, rank), ROW_COLUMNS) if out is not None else None
+    err_writer = ShardWriter(error_shard(out, rank), ERROR_COLUMNS) if out is not None else None
+    mine: list[dict[str, Any]] = []
+    my_errors: list[dict[str, str]] = []
+    if total is None:
+        ds = getattr(data, "dataset", None)
+        if ds is not None and hasattr(ds, "__len__"):
+            n_all = len(ds)
+            total = math.ceil(n_all / world) if shard and world > 1 else n_all
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=f"rank {rank}" if world > 1 else "evaluate", unit="img", position=rank,
+               disable=not show_progress, file=sys.stderr, dynamic_ncols=True, leave=True)
     position = 0
-    for b, batch in enumerate(iterator):
-        x, labels, mask, index = _split_batch(batch)
-        n = int(x.shape[0])
-        if index is None:
-            index = torch.arange(position, position + n)
-        position += n
-        if b % world != rank:
-            continue
-        x = x.to(dev)
-        with torch.no_grad():
-            _sync(dev)
-            t0 = time.perf_counter()
-            logits = ad.forward(x)
-            _sync(dev)
-            table.forward_seconds += time.perf_counter() - t0
-            table.forward_images += n
-        pred = logits.argmax(dim=1)
-        ref = pred
-        if labels is not None:
-            lab = torch.as_tensor(labels).to(dev).long().reshape(-1)
-            ref = torch.where(lab >= 0, lab, pred)
-        for name, explain in explainers.items():
-            _sync(dev)
-            t0 = time.perf_counter()
-            grid = explain(x, pred, index)
-            _sync(dev)
-            table.sums[name]["seconds"] += time.perf_counter() - t0
-            table.counts[name]["seconds"] += n
-            grid = grid.detach().float()
-            if grid.ndim == 3:
-                grid = grid[:, None]
-            if perturbation:
-                aucs = {}
-                for order in ("positive", "negative"):
-                    _, auc = perturbation_curve(
-                        model, x, grid, pred, order=order, fractions=fractions,
-                        replacement=replacement, metric=metric, labels=ref, adapter=ad,
-                        max_batch=max_batch,
-                    )
-                    aucs[order] = auc
-                    table.add(name, f"auc_{order}", auc)
-                table.add(name, "auc_gap", aucs["negative"] - aucs["positive"])
-            if masks and mask is not None:
-                m = mask.to(dev)
-                up = F.interpolate(grid, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
-                seg = segmentation_scores(up, m, ignore_index=ignore_index)
-                for k, v in seg.items():
-                    table.add(name, k, v)
-                table.add(name, "pointing", pointing_game(up, m, ignore_index=ignore_index))
-                faf, baf = foreground_fraction(grid, m, mask_threshold, ignore_index=ignore_index)
-                table.add(name, "faf", faf)
-                table.add(name, "baf", baf)
+    try:
+        for b, batch in enumerate(data):
+            parts = _split_eval_batch(batch)
+            x = parts.images
+            n = int(x.shape[0])
+            index = parts.positions if parts.positions is not None else torch.arange(position, position + n)
+            index = torch.as_tensor(index).long().reshape(-1)
+            position += n
+            if shard and b % world != rank:
+                continue
+            for image_id, reason in parts.errors:
+                if image_id not in errors_done:
+                    errors_done.add(image_id)
+                    err_row = {"image_id": image_id, "reason": reason}
+                    my_errors.append(err_row)
+                    bar.write(f"skipped {image_id}: {reason}", file=sys.stderr)
+                    if err_writer is not None:
+                        err_writer.write([err_row])
+            if n == 0:
+                continue
+            ids = parts.ids if parts.ids is not None else [str(i) for i in index.tolist()]
+            if len(ids) != n:
+                raise ValueError(f"batch {b}: {len(ids)} ids for {n} images")
+            todo = {m: [i for i in range(n) if (ids[i], m) not in done] for m in names}
+            if not any(todo.values()):
+                bar.update(n)
+                continue
+            x = x.to(dev)
+            with torch.no_grad():
+                _sync(dev)
+                t0 = time.perf_counter()
+                logits = ad.forward(x)
+                _sync(dev)
+                fwd = (time.perf_counter() - t0) / n
+            pred = logits.argmax(dim=1)
+            ref = pred
+            lab_list = [-1] * n
+            if parts.labels is not None:
+                lab = torch.as_tensor(parts.labels).to(dev).long().reshape(-1)
+                ref = torch.where(lab >= 0, lab, pred)
+                lab_list = lab.tolist()
+            sel_mask: Tensor | None = None
+            if masks and parts.masks is not None:
+                flags = parts.has_mask
+                keep = torch.ones(n, dtype=torch.bool) if flags is None else torch.as_tensor(flags).bool().reshape(-1).cpu()
+                sel_mask = torch.nonzero(keep).flatten()
+            rows: list[dict[str, Any]] = []
+            for name in names:
+                if not todo[name]:
+                    continue
+                explain = explainers[name]
+                _sync(dev)
+                t0 = time.perf_counter()
+                grid = explain(x, pred, index)
+                _sync(dev)
+                secs = (time.perf_counter() - t0) / n
+                grid = grid.detach().float()
+                if grid.ndim == 3:
+                    grid = grid[:, None]
+                values: dict[str, list[float]] = {}
+                if perturbation:
+                    aucs = {}
+                    for order in ("positive", "negative"):
+                        _, auc = perturbation_curve(
+                            model, x, grid, pred, order=order, fractions=fractions,
+                            replacement=replacement, metric=metric, labels=ref, adapter=ad,
+                            max_batch=max_batch,
+                        )
+                        aucs[order] = auc
+                        values[f"auc_{order}"] = auc.double().cpu().tolist()
+                    values["auc_gap"] = (aucs["negative"] - aucs["positive"]).double().cpu().tolist()
+                if sel_mask is not None and sel_mask.numel():
+                    assert parts.masks is not None
+                    sel = sel_mask
+                    m = parts.masks[sel].to(dev)
+                    g = grid[sel.to(grid.device)]
+                    up = F.interpolate(g, size=tuple(x.shape[-2:]), mode="bilinear", align_corners=False)
+                    seg = segmentation_scores(up, m, ignore_index=ignore_index)
+                    for k, v in seg.items():
+                        values[k] = _nan_filled(n, sel, v)
+                    values["pointing"] = _nan_filled(n, sel, pointing_game(up, m, ignore_index=ignore_index))
+                    faf, baf = foreground_fraction(g, m, mask_threshold, ignore_index=ignore_index)
+                    values["faf"] = _nan_filled(n, sel, faf)
+                    values["baf"] = _nan_filled(n, sel, baf)
+                for i in todo[name]:
+                    row: dict[str, Any] = {
+                        "image_id": ids[i], "index": int(index[i]), "method": name, "label": int(lab_list[i]),
+                        "target": int(pred[i]), "seconds": secs, "forward_seconds": fwd, "rank": rank,
+                    }
+                    for k, col in values.items():
+                        row[k] = float(col[i])
+                    rows.append(row)
+            if writer is not None:
+                writer.write(rows)  # one write per batch: a kill leaves whole batches
+            for r in rows:
+                done.add((r["image_id"], r["method"]))
+            mine.extend(rows)
+            bar.update(n)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        if err_writer is not None:
+            err_writer.close()
+    if world > 1:
+        _barrier()
+    if out is not None:
+        return EvaluationTable.load(out, names)
     if world > 1:
         import torch.distributed as dist
 
-        backend = dist.get_backend()
-        vec = table._vector().to("cuda" if backend == "nccl" else "cpu")
-        dist.all_reduce(vec, op=dist.ReduceOp.SUM)
-        table._load_vector(vec)
-    return table
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (mine, my_errors))
+        all_rows = [r for part in gathered for r in part[0]]
+        all_errors = [e for part in gathered for e in part[1]]
+        return EvaluationTable.from_rows(all_rows, names, all_errors)
+    return EvaluationTable.from_rows(mine, names, my_errors)
 
 
 # ---------------------------------------------------------------------- shared-asset datasets
@@ -449,7 +786,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Evaluation suite (--eval) and speed benchmark (--speed) of captum_vit's methods.",
     )
     mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--eval", action="store_true", help="faithfulness / localisation table")
+    mode.add_argument("--eval", action="store_true", help="faithfulness / localisation table of the bundled DeiT-Tiny")
     mode.add_argument("--speed", action="store_true", help="time ratios to a forward pass and to peers")
     p.add_argument("--methods", default=None, help="comma-separated registry names (default: all available)")
     p.add_argument("--imagenet", default="../shared/assets/imagenet-sample", help="ImageNet sample folder with labels.csv")
@@ -462,11 +799,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--occlusion-window", type=int, default=2)
     p.add_argument("--occlusion-stride", type=int, default=None, help="default: the window (non-overlapping windows)")
     p.add_argument("--occlusion-replacement", default="drop", choices=("zero", "mean", "drop"))
-    p.add_argument("--nproc", type=int, default=1, help="processes (torch.distributed, gloo/nccl on 127.0.0.1)")
+    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torch's elastic launcher, as torchrun)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="benchmarks/results", help="folder for CSV / Markdown")
     p.add_argument("--name", default=None, help="file stem (default: eval_deit_tiny / speed_deit_tiny)")
+    p.add_argument("--resume", action="store_true", help="--eval: continue the run whose rows are in OUT/NAME_rows")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None, help="--eval: paired difference A - B")
+    p.add_argument("--n-boot", type=int, default=2000, help="--eval: bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="--eval: bootstrap and random-baseline seed")
     p.add_argument("--repeats", type=int, default=3, help="--speed: timed repeats per method")
     p.add_argument("--speed-batch", type=int, default=1, help="--speed: images per call")
     p.add_argument("--peers", default="all", help="--speed: comma-separated peers or 'all' / 'none'")
@@ -474,111 +815,63 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _eval_worker(rank: int, world: int, port: int, args: argparse.Namespace, result: Any) -> None:
-    """One process of ``bench --eval`` (rank 0 of 1 when not distributed)."""
-    import torch.distributed as dist
+def _eval_spec(args: argparse.Namespace, command: str) -> Any:
+    """The ``bench --eval`` run: the ImageNet sample (perturbation AUCs) and the VOC
+    images (masks only) of the bundled model, rows in ``OUT/NAME_rows``."""
+    from ._eval_cli import EvalUsageError, RunSpec, Source
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if world > 1:
-        backend = "nccl" if str(args.device).startswith("cuda") else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        import timm.data
-
-        from .models import load_default
-
-        model, transform, _ = load_default()
-        model = model.to(args.device).eval()
-        cfg = timm.data.resolve_data_config({}, model=model)
-        methods = args.methods.split(",") if args.methods else None
-        options = {
+    sources = []
+    if args.imagenet and Path(args.imagenet).exists():
+        sources.append(Source(str(Path(args.imagenet).resolve()), limit=args.limit, stride=args.stride, id_prefix="imagenet/"))
+    if args.voc and Path(args.voc).exists():
+        voc = str(Path(args.voc).resolve())
+        sources.append(Source(voc, masks=voc, perturbation=False, id_prefix="voc/"))
+    if not sources:
+        raise EvalUsageError(f"neither {args.imagenet} nor {args.voc} exists")
+    stem = args.name or "eval_deit_tiny"
+    out = Path(args.out)
+    return RunSpec(
+        model="default", weights=None, sources=sources,
+        methods=args.methods.split(",") if args.methods else available_methods(),
+        method_options={
             "occlusion_window": args.occlusion_window,
             "occlusion_stride": args.occlusion_stride or args.occlusion_window,
             "occlusion_replacement": args.occlusion_replacement,
-        }
-        common: dict[str, Any] = dict(
-            methods=methods, replacement=args.replacement, metric=args.metric,
-            method_options=options, device=args.device, show_progress=not args.no_progress,
-        )
-        tables = []
-        if args.imagenet and Path(args.imagenet).exists():
-            ds = ImageFolderWithLabels(args.imagenet, transform, limit=args.limit, stride=args.stride)
-            loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size)
-            tables.append(evaluate(model, loader, masks=False, **common))
-        if args.voc and Path(args.voc).exists():
-            ds2 = MaskedImages(args.voc, transform, cfg)
-            loader2 = torch.utils.data.DataLoader(ds2, batch_size=args.batch_size)
-            voc = evaluate(model, loader2, perturbation=False, **common)
-            # timings come from the ImageNet run when there is one
-            if tables:
-                for m in voc.methods:
-                    voc.sums[m]["seconds"] = 0.0
-                    voc.counts[m]["seconds"] = 0
-                voc.forward_seconds, voc.forward_images = 0.0, 0
-            tables.append(voc)
-        if not tables:
-            raise FileNotFoundError(f"neither {args.imagenet} nor {args.voc} exists")
-        table = tables[0] if len(tables) == 1 else tables[0].merge(tables[1])
-        if rank == 0:
-            result.put(table)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_processes(fn: Callable[..., None], nproc: int, *args: Any) -> Any:
-    """Run ``fn(rank, nproc, port, *args, queue)`` in ``nproc`` processes (spawned when
-    ``nproc > 1``) and return what rank 0 put on the queue."""
-    import torch.multiprocessing as mp
-
-    if nproc == 1:
-        import queue
-
-        q1: queue.Queue[Any] = queue.Queue()
-        fn(0, 1, 0, *args, q1)
-        return q1.get()
-    ctx = mp.get_context("spawn")
-    q = ctx.SimpleQueue()
-    port = _free_port()
-    procs = [ctx.Process(target=fn, args=(r, nproc, port, *args, q)) for r in range(nproc)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    bad = [p.exitcode for p in procs if p.exitcode != 0]
-    if bad:
-        raise RuntimeError(f"evaluation process(es) failed with exit codes {bad}")
-    return q.get()
+            "seed": args.seed,
+        },
+        replacement=args.replacement, metric=args.metric, batch_size=args.batch_size,
+        rows_dir=str(out / f"{stem}_rows"), summary_stem=str(out / stem), compare=args.compare,
+        n_boot=args.n_boot, seed=args.seed, resume=args.resume, device=args.device, threads=args.threads,
+        show_progress=not args.no_progress,
+        header=(
+            "Evaluation of captum_vit methods on the bundled DeiT-Tiny: perturbation AUCs on the "
+            "ImageNet sample, segmentation / pointing / FAF / BAF on the VOC images with masks.\n\n"
+            f"Command: `{command}`\n\n"
+        ),
+    )
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    """``captum-vit bench``: ``--eval`` writes the evaluation table of the bundled
-    DeiT-Tiny on the shared ImageNet sample (perturbation AUCs) and VOC masks
-    (segmentation, pointing game, FAF/BAF) to ``--out`` as CSV and Markdown;
-    ``--speed`` writes the speed table (time ratios to a forward pass and to peers).
+    """``captum-vit bench``: ``--eval`` evaluates the bundled DeiT-Tiny on the shared
+    ImageNet sample (perturbation AUCs) and VOC masks (segmentation, pointing game,
+    FAF/BAF), writing per-image rows to ``OUT/NAME_rows/`` and the table with
+    bootstrap intervals to ``OUT/NAME.csv`` / ``.md`` (the same machinery as
+    ``captum-vit eval``: ``--nproc``, ``--resume``, ``--compare``); ``--speed``
+    writes the speed table (time ratios to a forward pass and to peers).
 
     Args:
         argv (list[str], optional): arguments (without the program name).
             Default: None (``sys.argv[1:]``)
 
     Returns:
-        int: exit status (0 on success).
+        int: exit status (0 on success, 2 bad options or input).
 
     Example::
 
         $ captum-vit bench --eval --limit 100 --nproc 2
         $ captum-vit bench --speed --repeats 3
     """
-    import sys
+    from ._eval_cli import EvalUsageError, start
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
@@ -586,8 +879,8 @@ def bench_main(argv: list[str] | None = None) -> int:
     if args.nproc < 1:
         raise SystemExit("--nproc must be >= 1")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.speed:
+        out.mkdir(parents=True, exist_ok=True)
         from ._speed import speed_benchmark
 
         text = f"Command: `{command}`\n\n" + speed_benchmark(args)
@@ -595,18 +888,7 @@ def bench_main(argv: list[str] | None = None) -> int:
         (out / f"{stem}.md").write_text(text)
         print(text)
         return 0
-    t0 = time.perf_counter()
-    table: EvaluationTable = run_processes(_eval_worker, args.nproc, args)
-    stem = args.name or "eval_deit_tiny"
-    table.to_csv(out / f"{stem}.csv")
-    md = table.to_markdown()
-    header = (
-        f"Evaluation of captum_vit methods on the bundled DeiT-Tiny "
-        f"({time.perf_counter() - t0:.0f} s, {args.nproc} process(es)).\n\n"
-        f"Command: `{command}`\n\n"
-        "AUCs and segmentation scores in percent, FAF/BAF as fractions, seconds per image "
-        "of the attribution alone, x_forward = attribution time / forward time.\n\n"
-    )
-    (out / f"{stem}.md").write_text(header + md)
-    print(md)
-    return 0
+    try:
+        return start(_eval_spec(args, command), args.nproc, "bench", argv)
+    except EvalUsageError as err:
+        raise SystemExit(str(err)) from err
