@@ -75,6 +75,8 @@ def _class_index(folder: str, maps: Sequence[Sequence[str]], source: str) -> int
         if folder in exact:
             return exact[folder]
         loose = {_norm(n): i for i, n in enumerate(names)}
+        for i, n in enumerate(names):  # "tench, Tinca tinca" also answers to "tench"
+            loose.setdefault(_norm(n.split(",")[0]), i)
         if _norm(folder) in loose:
             return loose[_norm(folder)]
     if folder.lstrip("-").isdigit():

@@ -341,7 +341,7 @@ class EvaluationTable:
                     f"{self._fmt(k, s['mean'])} [{self._fmt(k, s['ci_low'])}, {self._fmt(k, s['ci_high'])}]"
                 )
             ratio = self.value(m, "seconds") / fwd if fwd and math.isfinite(fwd) else math.nan
-            cells += [self._fmt("x", ratio), str(self.count(m, "auc_positive")), str(self.count(m, "pixel_accuracy"))]
+            cells += [self._fmt("x", ratio), str(self.count(m, "auc_positive")), str(self.count(m, "pointing"))]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 

@@ -1,0 +1,326 @@
+"""``captum-vit eval``: data layouts, timm / HF / custom models, torchrun with 2 gloo
+processes == 1 process, SIGKILL + --resume == an uninterrupted run, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import ROOT, make_model
+from PIL import Image
+
+from captum_vit import adapt
+from captum_vit._eval_io import read_shards
+from captum_vit.cli import main
+from captum_vit.evaluation import EvalDataset, EvaluationTable, collate, evaluate
+
+_METHODS = ["rollout_mean", "grad_rollout_chefer", "random"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _image(path: Path, seed: int, size: tuple[int, int] = (120, 100)) -> None:
+    rng = np.random.RandomState(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.randint(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def _mask(path: Path, size: tuple[int, int] = (120, 100)) -> None:
+    m = np.zeros((size[1], size[0]), dtype=np.uint8)
+    m[20:70, 30:90] = 12
+    m[18:20, 30:90] = 255
+    Image.fromarray(m).save(path)
+
+
+@pytest.fixture(scope="module")
+def timm_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """timm's tiny ``test_vit`` (160 px, 1000 classes) saved as a local weights file."""
+    import safetensors.torch
+    import timm
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "test_vit.safetensors"
+    safetensors.torch.save_file(timm.create_model("test_vit").state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def labels_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A labels.csv folder (as the shared ImageNet sample) with 12 images."""
+    root = tmp_path_factory.mktemp("inet")
+    lines = ["file,class_index,synset"]
+    for i in range(12):
+        _image(root / f"img{i:02d}.png", i)
+        lines.append(f"img{i:02d}.png,{(7 * i) % 1000},x")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _run(*args: str) -> int:
+    return main(["eval", "--no-progress", "--threads", "1", "--n-boot", "200", *args])
+
+
+def _summary(out: Path) -> pd.DataFrame:
+    """The summary without the timing rows (timings differ from run to run)."""
+    frame = pd.read_csv(out / "summary.csv")
+    return frame[frame["metric"] != "seconds"].reset_index(drop=True)
+
+
+def _cli_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+# ---------------------------------------------------------------------- layouts and models
+def test_labels_csv_with_timm_model(tmp_path: Path, labels_folder: Path, timm_weights: Path) -> None:
+    out = tmp_path / "out"
+    rc = _run("--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(labels_folder),
+              "--methods", "rollout_mean,random", "--out", str(out), "--limit", "5", "--batch-size", "2",
+              "--compare", "rollout_mean", "random")
+    assert rc == 0
+    rows = pd.read_csv(out / "rows-00000.csv")
+    assert len(rows) == 10 and set(rows["method"]) == {"rollout_mean", "random"}
+    assert rows.loc[rows["image_id"] == "img03.png", "label"].tolist() == [21, 21]
+    assert rows["auc_positive"].between(0, 0.9).all() and rows["pointing"].isna().all()
+    table = EvaluationTable.load(out)
+    summ = pd.read_csv(out / "summary.csv")
+    got = summ[(summ.method == "random") & (summ.metric == "auc_gap")].iloc[0]
+    assert got["mean"] == pytest.approx(100 * table.value("random", "auc_gap"))
+    assert got["ci_low"] <= got["mean"] <= got["ci_high"] and got["n"] == 5
+    cmp = pd.read_csv(out / "summary_compare.csv")
+    assert set(cmp["metric"]) >= {"auc_positive", "auc_negative", "auc_gap"}
+    assert "Paired comparison rollout_mean − random" in (out / "summary.md").read_text()
+
+
+def test_image_folder_with_classes_file_and_label_map(tmp_path: Path, timm_weights: Path) -> None:
+    data = tmp_path / "folders"
+    for cls, n in (("dog", 2), ("cat", 1)):
+        for i in range(n):
+            _image(data / cls / f"{cls}{i}.jpg", i + (10 if cls == "cat" else 0))
+    (data / "empty").mkdir()
+    classes = tmp_path / "classes.txt"
+    classes.write_text("dog\ncat\nempty\n")
+    out = tmp_path / "out"
+    assert _run("--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(data),
+                "--classes", str(classes), "--methods", "random", "--out", str(out), "--no-perturbation") == 0
+    rows = {r["image_id"]: r for r in read_shards(out)}
+    assert {k: v["label"] for k, v in rows.items()} == {"cat/cat0.jpg": "1", "dog/dog0.jpg": "0", "dog/dog1.jpg": "0"}
+    # without --classes: folder names looked up in the model's label map (ImageNet
+    # names and synsets for a timm ImageNet head)
+    data2 = tmp_path / "inet_folders"
+    _image(data2 / "goldfish" / "a.png", 1)
+    _image(data2 / "n01440764" / "b.png", 2)
+    out2 = tmp_path / "out2"
+    assert _run("--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(data2),
+                "--methods", "random", "--out", str(out2), "--no-perturbation") == 0
+    assert {r["image_id"]: r["label"] for r in read_shards(out2)} == {"goldfish/a.png": "1", "n01440764/b.png": "0"}
+    # a folder the label map does not know: one line, exit 2
+    _image(data2 / "not_a_class" / "c.png", 3)
+    assert _run("--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(data2),
+                "--methods", "random", "--out", str(tmp_path / "out3")) == 2
+
+
+def test_hf_model_from_a_folder_with_masks(tmp_path: Path) -> None:
+    """hf:DIR (save_pretrained), a flat folder of N_image.png with N_mask.png beside them."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.ViTConfig(num_labels=5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, image_size=32, patch_size=8)
+    model_dir = tmp_path / "hf"
+    tf.ViTForImageClassification(cfg).save_pretrained(model_dir)
+    data = tmp_path / "voc"
+    for i in range(3):
+        _image(data / f"{i}_image.png", i)
+        _mask(data / f"{i}_mask.png")
+    out = tmp_path / "out"
+    assert _run("--model", f"hf:{model_dir}", "--data", str(data), "--masks", str(data),
+                "--methods", "rollout_mean", "random", "--out", str(out)) == 0
+    rows = pd.read_csv(out / "rows-00000.csv")
+    assert sorted(set(rows["image_id"])) == ["0_image.png", "1_image.png", "2_image.png"]  # masks are not images
+    for k in ("pixel_accuracy", "miou", "map", "pointing", "faf", "baf", "auc_gap"):
+        assert rows[k].notna().all(), k
+    assert (rows["label"] == -1).all()  # a flat folder has no classes
+    assert np.allclose(rows["faf"] + rows["baf"], 1.0)
+
+
+def test_custom_model_and_any_iterable_with_the_library() -> None:
+    """evaluate() takes a user's own ViT (adapter with attention_modules) and a plain list."""
+    from test_capture import TinyViT
+
+    torch.manual_seed(0)
+    model = TinyViT(depth=2).eval()
+    adapter = adapt(model, attention_modules=[a.probe for a in model.attns], num_prefix_tokens=1, patch_size=4,
+                    patch_embed=model.embed)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"image": torch.randn(3, 3, 16, 16, generator=g), "label": torch.tensor([0, 1, -1]),
+                "id": [f"b{b}i{i}" for i in range(3)]} for b in range(2)]
+    table = evaluate(model, batches, ["rollout_mean", "grad_rollout_chefer", "random"], adapter=adapter,
+                     show_progress=False)
+    assert table.image_ids == sorted(f"b{b}i{i}" for b in range(2) for i in range(3))
+    assert table.count("grad_rollout_chefer", "auc_gap") == 6
+    # the same images in other batches give the same table
+    x = torch.cat([b["image"] for b in batches])
+    single = [{"image": x[i : i + 1], "label": torch.cat([b["label"] for b in batches])[i : i + 1],
+               "id": [f"b{i // 3}i{i % 3}"]} for i in range(6)]
+    again = evaluate(model, single, ["rollout_mean", "grad_rollout_chefer", "random"], adapter=adapter,
+                     show_progress=False)
+    for m in table.methods:
+        for k in ("auc_positive", "auc_negative"):
+            assert again.value(m, k) == pytest.approx(table.value(m, k), abs=1e-6)
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_images_are_reported_per_image_and_skipped(tmp_path: Path, timm_weights: Path) -> None:
+    data = tmp_path / "d"
+    masks = tmp_path / "m"
+    masks.mkdir()
+    for i in range(4):
+        _image(data / f"{i}.png", i)
+        _mask(masks / f"{i}.png", (120, 100) if i != 3 else (64, 64))  # mask 3: wrong size
+    (data / "broken.png").write_bytes(b"this is not a png")
+    (data / "labels.csv").write_text(
+        "file,class_index\n0.png,5\n1.png,1000\n2.png,3\n3.png,4\nbroken.png,2\nmissing.png,1\n"
+    )
+    out = tmp_path / "out"
+    rc = _run("--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(data), "--masks",
+              str(masks), "--methods", "random", "--out", str(out), "--batch-size", "3")
+    assert rc == 0
+    table = EvaluationTable.load(out)
+    assert table.image_ids == ["0.png", "2.png"]
+    reasons = {e["image_id"]: e["reason"] for e in table.errors}
+    assert set(reasons) == {"1.png", "3.png", "broken.png", "missing.png"}
+    assert "out of range" in reasons["1.png"] and "1000" in reasons["1.png"]
+    assert "64x64" in reasons["3.png"] and "120x100" in reasons["3.png"]
+    assert "cannot read" in reasons["broken.png"]
+    assert "4 skipped" in (out / "summary.md").read_text()
+    # resuming does not report (or count) the skipped images twice
+    assert _run("--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(data), "--masks",
+                str(masks), "--methods", "random", "--out", str(out), "--batch-size", "3", "--resume") == 0
+    assert len(EvaluationTable.load(out).errors) == 4
+
+
+def test_dataset_items_and_collate(tmp_path: Path) -> None:
+    _image(tmp_path / "a.png", 0)
+    (tmp_path / "b.png").write_bytes(b"")
+    ds = EvalDataset(tmp_path, lambda im: torch.zeros(3, 4, 4))
+    assert ds.layout == "images" and ds.ids == ["a.png", "b.png"]
+    batch = collate([ds[0], ds[1]])
+    assert batch["image"].shape == (1, 3, 4, 4) and batch["id"] == ["a.png"]
+    assert batch["errors"][0][0] == "b.png"
+    empty = collate([ds[1]])
+    assert empty["image"].shape[0] == 0
+
+
+def test_cli_errors_exit_2_with_one_line(tmp_path: Path, labels_folder: Path, timm_weights: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = ["--model", "timm:test_vit", "--weights", str(timm_weights)]
+    cases = [
+        [*base, "--data", str(empty), "--methods", "random", "--out", str(tmp_path / "o1")],
+        [*base, "--data", str(tmp_path / "nope"), "--methods", "random", "--out", str(tmp_path / "o2")],
+        [*base, "--data", str(labels_folder), "--methods", "no_such_method", "--out", str(tmp_path / "o3")],
+        [*base, "--data", str(labels_folder), "--methods", "random", "--compare", "random", "rollout_mean",
+         "--out", str(tmp_path / "o4")],
+        ["--model", "timm:test_vit", "--weights", str(tmp_path / "none.safetensors"), "--data",
+         str(labels_folder), "--methods", "random", "--out", str(tmp_path / "o5")],
+        [*base, "--data", str(labels_folder), "--methods", "random", "--out", str(tmp_path / "o6"), "--batch-size", "0"],
+    ]
+    for args in cases:
+        capsys.readouterr()
+        assert _run(*args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("captum-vit eval: error:"), err
+    # an --out that holds a run: --resume or a new folder; --resume with other settings: refused
+    out = tmp_path / "o7"
+    assert _run(*base, "--data", str(labels_folder), "--methods", "random", "--out", str(out), "--limit", "2") == 0
+    assert _run(*base, "--data", str(labels_folder), "--methods", "random", "--out", str(out), "--limit", "2") == 2
+    assert _run(*base, "--data", str(labels_folder), "--methods", "rollout_mean", "--out", str(out),
+                "--limit", "2", "--resume") == 2
+    assert "other settings (methods)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- distributed and resume
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_two_gloo_processes_give_the_single_process_table(
+    tmp_path: Path, labels_folder: Path, timm_weights: Path
+) -> None:
+    common = ["--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(labels_folder),
+              "--methods", *_METHODS, "--limit", "9", "--batch-size", "2", "--compare", "grad_rollout_chefer",
+              "rollout_mean"]
+    one = tmp_path / "one"
+    assert _run(*common, "--out", str(one)) == 0
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "captum_vit", "eval", *common, "--out", str(two), "--no-progress", "--threads", "1",
+           "--n-boot", "200"]
+    proc = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in two.glob("rows-*.csv")) == ["rows-00000.csv", "rows-00001.csv"]
+    ranks = pd.concat([pd.read_csv(p) for p in two.glob("rows-*.csv")])
+    assert sorted(set(ranks["rank"])) == [0, 1] and len(ranks) == 9 * len(_METHODS)
+    pd.testing.assert_frame_equal(_summary(one), _summary(two))
+    cmp1 = pd.read_csv(one / "summary_compare.csv")
+    cmp2 = pd.read_csv(two / "summary_compare.csv")
+    keep = cmp1["metric"] != "seconds"
+    pd.testing.assert_frame_equal(cmp1[keep], cmp2[keep])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_table(
+    tmp_path: Path, labels_folder: Path, timm_weights: Path
+) -> None:
+    common = ["--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(labels_folder),
+              "--methods", *_METHODS, "--batch-size", "2"]
+    full = tmp_path / "full"
+    assert _run(*common, "--out", str(full)) == 0
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "captum_vit", "eval", *common, "--out", str(killed), "--no-progress",
+           "--threads", "1", "--n-boot", "200"]
+    proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard = killed / "rows-00000.csv"
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if shard.exists() and shard.read_text().count("\n") > 1 + 2 * len(_METHODS):  # two batches written
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = {r["image_id"] for r in read_shards(killed)}
+    assert 0 < len(done) < 12
+    with open(shard, "ab") as fh:  # and a torn last line, as a kill inside a write leaves
+        fh.write(b"img11.png,11,random,77,3,0.5")
+    assert _run(*common, "--out", str(killed), "--resume") == 0
+    pd.testing.assert_frame_equal(_summary(full), _summary(killed))
+    rows = pd.concat([pd.read_csv(p) for p in killed.glob("rows-*.csv")], ignore_index=True)
+    assert len(rows) == 12 * len(_METHODS)  # no image missing, none counted twice
+    assert not rows.duplicated(["image_id", "method"]).any()
+    # row by row, every metric is the uninterrupted run's, to the last bit of its text
+    timing = {"seconds", "forward_seconds", "rank"}
+    ref = {(r["image_id"], r["method"]): r for r in csv.DictReader((full / "rows-00000.csv").open())}
+    for r in csv.DictReader((killed / "rows-00000.csv").open()):
+        a = ref[(r["image_id"], r["method"])]
+        assert {k: v for k, v in r.items() if k not in timing} == {k: v for k, v in a.items() if k not in timing}
