@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import ROOT, make_model
+from conftest import ROOT
 from PIL import Image
 
 from captum_vit import adapt

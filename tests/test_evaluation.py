@@ -1,4 +1,6 @@
-"""The evaluation suite: registry, exact totals, 2-process gloo == 1 process, bench_main."""
+"""The evaluation suite: registry, per-image values equal to the metric functions, bench_main.
+
+The distributed and resume tests of the same machinery are in test_eval_cli.py."""
 
 from __future__ import annotations
 
@@ -22,12 +24,11 @@ from captum_vit.evaluation import (
     bench_main,
     evaluate,
     register_method,
-    run_processes,
 )
 from captum_vit.metrics import foreground_fraction, perturbation_curve, segmentation_scores
 
 _FAMILY = "timm_deit_distilled"  # 64x64 inputs, 4x4 grid, 2 prefix tokens, 7 classes
-_FAST = ["rollout_mean", "grad_rollout_chefer", "patch_occlusion", "random"]
+_FAST = ["rollout_mean", "grad_rollout_chefer", "random"]
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +55,7 @@ def _dataset(size: int, n_batches: int = 3, batch: int = 3) -> list[dict[str, Te
 
 def _values(table: EvaluationTable) -> dict[tuple[str, str], tuple[float, int]]:
     return {
-        (m, k): (table.sums[m][k], table.counts[m][k])
+        (m, k): (table.value(m, k), table.count(m, k))
         for m in table.methods
         for k in METRICS
         if k != "seconds"
@@ -99,9 +100,13 @@ def test_table_equals_direct_metric_calls() -> None:
         assert table.value("rollout_mean", k) == pytest.approx(seg[k].mean().item(), abs=1e-6)
     faf, _baf = foreground_fraction(grid, masks)
     assert table.value("rollout_mean", "faf") == pytest.approx(faf.mean().item(), abs=1e-6)
-    assert table.counts["rollout_mean"]["auc_positive"] == 9
-    assert table.counts["rollout_mean"]["seconds"] == 9
-    assert table.forward_images == 9
+    assert table.count("rollout_mean", "auc_positive") == 9
+    assert table.count("rollout_mean", "seconds") == 9
+    assert len(table.image_ids) == 9
+    # per image, not only on average
+    gaps = table.values("rollout_mean", "auc_gap")
+    order = sorted(range(9), key=str)  # rows are ordered by image id ("0", "1", ..., "8")
+    assert np.allclose(gaps, (neg - pos)[order].numpy(), atol=1e-6)
 
 
 def test_oracle_method_scores_perfectly_and_random_is_chance() -> None:
@@ -124,11 +129,12 @@ def test_oracle_method_scores_perfectly_and_random_is_chance() -> None:
     assert table.value("_test_oracle", "pointing") == pytest.approx(1.0)
     # bilinear upsampling blurs the patch edges, so pixel scores are high, not perfect
     assert table.value("_test_oracle", "map") > 0.8
-    assert table.counts["random"]["auc_positive"] == 0  # perturbation off
+    assert table.count("random", "auc_positive") == 0  # perturbation off
     assert math.isnan(table.value("random", "auc_positive"))
-    rows = {r["method"]: r for r in table.rows()}
-    assert rows["_test_oracle"]["faf"] == pytest.approx(1.0)
-    assert rows["_test_oracle"]["pointing"] == pytest.approx(100.0)  # percent in rows
+    rows = {(r["method"], r["metric"]): r for r in table.summary()}
+    assert rows["_test_oracle", "faf"]["mean"] == pytest.approx(1.0)
+    assert rows["_test_oracle", "pointing"]["mean"] == pytest.approx(100.0)  # percent in the summary
+    assert rows["_test_oracle", "pointing"]["ci_low"] == pytest.approx(100.0)
     md = table.to_markdown()
     assert md.count("\n") == 2 + 2 and "| _test_oracle |" in md
 
@@ -147,33 +153,29 @@ def test_random_baseline_is_reproducible_per_sample() -> None:
         assert _values(b)[key][1] == n and _values(b)[key][0] == pytest.approx(s, abs=1e-9)
 
 
-def _tiny_worker(rank: int, world: int, port: int, methods: list[str], result: Any) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        model, size = make_model(_FAMILY)
-        table = evaluate(model, _dataset(size, n_batches=3), methods, show_progress=False)
-        if rank == 0:
-            result.put(table)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_two_gloo_processes_give_the_single_process_table() -> None:
+def test_library_resume_skips_done_images_and_gives_the_same_table(tmp_path: Path) -> None:
     model, size = make_model(_FAMILY)
-    single = evaluate(model, _dataset(size, n_batches=3), _FAST, show_progress=False)
-    double: EvaluationTable = run_processes(_tiny_worker, 2, _FAST)
-    assert double.methods == single.methods
-    for key, (s, n) in _values(single).items():
-        s2, n2 = _values(double)[key]
-        assert n2 == n, key
-        assert s2 == pytest.approx(s, abs=1e-9), key
-    assert double.forward_images == single.forward_images == 9
-    assert double.counts["rollout_mean"]["seconds"] == 9
+    data = _dataset(size, n_batches=3)
+    full = evaluate(model, data, _FAST, show_progress=False)
+    calls: list[int] = []
+
+    def counting(m: nn.Module, a: Any, o: Any) -> Any:
+        def run(x: Tensor, t: Tensor, idx: Tensor) -> Tensor:
+            calls.append(int(x.shape[0]))
+            return torch.ones(x.shape[0], 1, size // 16, size // 16)
+
+        return run
+
+    register_method("_test_counting", counting, overwrite=True)
+    out = tmp_path / "rows"
+    evaluate(model, data[:2], [*_FAST, "_test_counting"], out=out, show_progress=False)  # "killed" after 2 batches
+    with pytest.raises(ValueError, match="resume=True"):
+        evaluate(model, data, _FAST, out=out, show_progress=False)
+    calls.clear()
+    resumed = evaluate(model, data, [*_FAST, "_test_counting"], out=out, resume=True, show_progress=False)
+    assert calls == [3]  # only the third batch was explained again
+    assert _values(EvaluationTable.from_rows(resumed.records, _FAST)) == _values(full)
+    assert resumed.summary(seed=2)[0] == EvaluationTable.load(out).summary(seed=2)[0]
 
 
 def test_bad_inputs() -> None:
@@ -215,7 +217,11 @@ def test_bench_main_eval_on_small_folders(tmp_path: Path) -> None:
     ])
     assert rc == 0
     rows = list(csv.DictReader((out / "t.csv").open()))
-    assert [r["method"] for r in rows] == ["rollout_mean", "random"]
-    assert rows[0]["n_perturbation"] == "2" and rows[0]["n_masks"] == "1"
+    assert [r["method"] for r in rows if r["metric"] == "auc_positive"] == ["rollout_mean", "random"]
+    n = {(r["method"], r["metric"]): r["n"] for r in rows}
+    assert n["rollout_mean", "auc_positive"] == "2" and n["rollout_mean", "pointing"] == "1"
+    assert ("rollout_mean", "faf") in n
     text = (out / "t.md").read_text()
     assert "captum-vit bench --eval" in text and "| rollout_mean |" in text
+    shards = list(csv.DictReader((out / "t_rows" / "rows-00000.csv").open()))
+    assert sorted({r["image_id"] for r in shards}) == ["imagenet/0.png", "imagenet/1.png", "voc/a_image.png"]
