@@ -255,6 +255,7 @@ def run(spec: RunSpec) -> int:
                     print(f"note: {note}", file=sys.stderr)
             (out / _CONFIG).write_text(json.dumps(spec.fingerprint(), indent=1) + "\n")
         t0 = time.perf_counter()
+        before = len({r["image_id"] for r in read_shards(out)})
         options = dict(spec.method_options)
         for src, ds in zip(spec.sources, datasets, strict=True):
             done = {(r["image_id"], r["method"]) for r in read_shards(out)}
@@ -276,6 +277,12 @@ def run(spec: RunSpec) -> int:
         elapsed = time.perf_counter() - t0
         if rank == 0:
             table = EvaluationTable.load(out, spec.methods)
+            with open(out / "invocations.jsonl", "a") as fh:  # how long each (resumed) invocation took
+                fh.write(json.dumps({
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(elapsed, 3),
+                    "processes": world, "images_before": before, "images_after": len(table.image_ids),
+                    "resume": spec.resume,
+                }) + "\n")
             kw: dict[str, Any] = {"n_boot": spec.n_boot, "confidence": spec.confidence, "seed": spec.seed}
             stem = Path(spec.summary_stem)
             stem.parent.mkdir(parents=True, exist_ok=True)
