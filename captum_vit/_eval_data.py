@@ -150,7 +150,10 @@ class EvalDataset(torch.utils.data.Dataset[dict[str, Any]]):
         elif (self.root / "index.csv").is_file():
             self.layout = "index.csv"
             items = self._from_table(self.root / "index.csv")
-        elif any(p.is_dir() and not p.name.startswith(".") for p in self.root.iterdir()):
+        elif any(
+            p.is_dir() and not p.name.startswith(".") and (self.masks is None or p.resolve() != self.masks.resolve())
+            for p in self.root.iterdir()
+        ):
             self.layout = "ImageFolder"
             items = self._from_folders(classes, label_maps)
         else:
@@ -206,7 +209,11 @@ class EvalDataset(torch.utils.data.Dataset[dict[str, Any]]):
     def _from_folders(self, classes: Sequence[str] | None, label_maps: Sequence[Sequence[str]]) -> list[_Item]:
         from torchvision.datasets.folder import find_classes, make_dataset
 
-        folders, _ = find_classes(str(self.root))
+        skip = self.masks.resolve() if self.masks is not None else None
+        folders = [
+            f for f in find_classes(str(self.root))[0]
+            if not f.startswith(".") and (self.root / f).resolve() != skip
+        ]
         if classes is not None:
             maps: Sequence[Sequence[str]] = [classes]
             source = "the --classes file"

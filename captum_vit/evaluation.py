@@ -601,7 +601,8 @@ def evaluate(
             total = math.ceil(n_all / world) if shard and world > 1 else n_all
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=f"rank {rank}" if world > 1 else "evaluate", unit="img", position=rank,
+    bar = tqdm(total=total, desc=f"rank {rank}" if world > 1 else "evaluate", unit="img",
+               position=int(os.environ.get("LOCAL_RANK", rank)),
                disable=not show_progress, file=sys.stderr, dynamic_ncols=True, leave=True)
     position = 0
     try:

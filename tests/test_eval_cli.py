@@ -324,3 +324,22 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_table(
     for r in csv.DictReader((killed / "rows-00000.csv").open()):
         a = ref[(r["image_id"], r["method"])]
         assert {k: v for k, v in r.items() if k not in timing} == {k: v for k, v in a.items() if k not in timing}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_nproc_starts_the_same_job_through_the_elastic_launcher(
+    tmp_path: Path, labels_folder: Path, timm_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = ["--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(labels_folder),
+              "--methods", "rollout_mean", "random", "--limit", "4", "--batch-size", "1"]
+    one = tmp_path / "one"
+    assert _run(*common, "--out", str(one)) == 0
+    two = tmp_path / "two"
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    assert _run(*common, "--out", str(two), "--nproc", "2") == 0
+    assert sorted(p.name for p in two.glob("rows-*.csv")) == ["rows-00000.csv", "rows-00001.csv"]
+    pd.testing.assert_frame_equal(_summary(one), _summary(two))
+    # inside torchrun, --nproc is refused (torchrun already started the processes)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _run(*common, "--out", str(tmp_path / "three"), "--nproc", "2") == 2
