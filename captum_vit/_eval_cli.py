@@ -253,7 +253,7 @@ def run(spec: RunSpec) -> int:
             for ds in datasets:
                 for note in ds.notes:
                     print(f"note: {note}", file=sys.stderr)
-            (out / _CONFIG).write_text(json.dumps(spec.fingerprint(), indent=1) + "\n")
+            _write_text(out / _CONFIG, json.dumps(spec.fingerprint(), indent=1) + "\n")
         t0 = time.perf_counter()
         before = len({r["image_id"] for r in read_shards(out)})
         options = dict(spec.method_options)
