@@ -381,8 +381,16 @@ def start(spec: RunSpec, nproc: int, command: str, argv: Sequence[str]) -> int:
 
 
 # ---------------------------------------------------------------------- captum-vit eval
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (``PROG: error: ...``), exit code 2."""
+
+    def error(self, message: str) -> Any:  # argparse's signature returns NoReturn
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="captum-vit eval",
         description="Evaluate attribution methods for a ViT on an image folder: per-image rows "
         "(one CSV shard per process, written as it goes), a summary with bootstrap 95%% intervals "

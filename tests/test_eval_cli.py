@@ -243,6 +243,7 @@ def test_cli_errors_exit_2_with_one_line(tmp_path: Path, labels_folder: Path, ti
         ["--model", "timm:test_vit", "--weights", str(tmp_path / "none.safetensors"), "--data",
          str(labels_folder), "--methods", "random", "--out", str(tmp_path / "o5")],
         [*base, "--data", str(labels_folder), "--methods", "random", "--out", str(tmp_path / "o6"), "--batch-size", "0"],
+        [*base, "--data", str(labels_folder), "--bogus"],
     ]
     for args in cases:
         capsys.readouterr()
