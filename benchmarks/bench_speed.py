@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from captum_vit.evaluation import bench_main
+from captum_vit.cli import main
 
 if __name__ == "__main__":
-    raise SystemExit(bench_main(["--speed", *sys.argv[1:]]))
+    raise SystemExit(main(["bench", "--speed", *sys.argv[1:]]))

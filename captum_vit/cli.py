@@ -625,7 +625,7 @@ def _cmd_eval(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------------------- bench
 def _cmd_bench(argv: Sequence[str]) -> int:
     try:
-        from .evaluation import bench_main
+        from ._eval_cli import bench_main
     except ImportError as err:
         print(f"captum-vit bench: the evaluation suite is not available ({err})", file=sys.stderr)
         return EXIT_FAILURE

@@ -28,14 +28,13 @@ fusion), gradient rollout (Chefer and jacobgil variants), patch occlusion, SIFT
 patch scores, ViT Grad-CAM and attention flow (when those classes are present in
 :mod:`captum_vit.attr`), and a random-map baseline.
 
-:func:`bench_main` is the ``captum-vit bench`` entry point (``--eval`` runs this suite
-on the shared ImageNet / VOC samples, ``--speed`` the speed benchmark of
-:mod:`captum_vit._speed`, built on the same registry).
+:func:`captum_vit._eval_cli.bench_main` is the ``captum-vit bench`` entry point
+(``--eval`` runs this suite on the shared ImageNet / VOC samples, ``--speed`` the speed
+benchmark of :mod:`captum_vit._speed`, built on the same registry).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
@@ -80,7 +79,6 @@ __all__ = [
     "Explainer",
     "MethodFactory",
     "available_methods",
-    "bench_main",
     "bootstrap_ci",
     "collate",
     "evaluate",
@@ -778,118 +776,3 @@ class MaskedImages(torch.utils.data.Dataset[dict[str, Any]]):
         with Image.open(self.root / mask) as mk:
             m = torch.from_numpy(np.array(mk, dtype=np.uint8))
         return {"image": x, "label": -1, "mask": align_mask(m, self.data_config), "index": i}
-
-
-# ---------------------------------------------------------------------- command line
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="captum-vit bench",
-        description="Evaluation suite (--eval) and speed benchmark (--speed) of captum_vit's methods.",
-    )
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--eval", action="store_true", help="faithfulness / localisation table of the bundled DeiT-Tiny")
-    mode.add_argument("--speed", action="store_true", help="time ratios to a forward pass and to peers")
-    p.add_argument("--methods", default=None, help="comma-separated registry names (default: all available)")
-    p.add_argument("--imagenet", default="../shared/assets/imagenet-sample", help="ImageNet sample folder with labels.csv")
-    p.add_argument("--voc", default="../shared/assets/voc2012-samples", help="VOC folder with index.csv and masks")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many ImageNet images")
-    p.add_argument("--stride", type=int, default=1, help="use every k-th ImageNet image (fixed subset)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--replacement", default="zero", choices=("zero", "mean", "drop"), help="token removal in the perturbation test")
-    p.add_argument("--metric", default="accuracy", choices=("accuracy", "probability"))
-    p.add_argument("--occlusion-window", type=int, default=2)
-    p.add_argument("--occlusion-stride", type=int, default=None, help="default: the window (non-overlapping windows)")
-    p.add_argument("--occlusion-replacement", default="drop", choices=("zero", "mean", "drop"))
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torch's elastic launcher, as torchrun)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="benchmarks/results", help="folder for CSV / Markdown")
-    p.add_argument("--name", default=None, help="file stem (default: eval_deit_tiny / speed_deit_tiny)")
-    p.add_argument("--resume", action="store_true", help="--eval: continue the run whose rows are in OUT/NAME_rows")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None, help="--eval: paired difference A - B")
-    p.add_argument("--n-boot", type=int, default=2000, help="--eval: bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0, help="--eval: bootstrap and random-baseline seed")
-    p.add_argument("--repeats", type=int, default=3, help="--speed: timed repeats per method")
-    p.add_argument("--speed-batch", type=int, default=1, help="--speed: images per call")
-    p.add_argument("--peers", default="all", help="--speed: comma-separated peers or 'all' / 'none'")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def _eval_spec(args: argparse.Namespace, command: str) -> Any:
-    """The ``bench --eval`` run: the ImageNet sample (perturbation AUCs) and the VOC
-    images (masks only) of the bundled model, rows in ``OUT/NAME_rows``."""
-    from ._eval_cli import EvalUsageError, RunSpec, Source
-
-    sources = []
-    if args.imagenet and Path(args.imagenet).exists():
-        sources.append(Source(str(Path(args.imagenet).resolve()), limit=args.limit, stride=args.stride, id_prefix="imagenet/"))
-    if args.voc and Path(args.voc).exists():
-        voc = str(Path(args.voc).resolve())
-        sources.append(Source(voc, masks=voc, perturbation=False, id_prefix="voc/"))
-    if not sources:
-        raise EvalUsageError(f"neither {args.imagenet} nor {args.voc} exists")
-    stem = args.name or "eval_deit_tiny"
-    out = Path(args.out)
-    return RunSpec(
-        model="default", weights=None, sources=sources,
-        methods=args.methods.split(",") if args.methods else available_methods(),
-        method_options={
-            "occlusion_window": args.occlusion_window,
-            "occlusion_stride": args.occlusion_stride or args.occlusion_window,
-            "occlusion_replacement": args.occlusion_replacement,
-            "seed": args.seed,
-        },
-        replacement=args.replacement, metric=args.metric, batch_size=args.batch_size,
-        rows_dir=str(out / f"{stem}_rows"), summary_stem=str(out / stem), compare=args.compare,
-        n_boot=args.n_boot, seed=args.seed, resume=args.resume, device=args.device, threads=args.threads,
-        show_progress=not args.no_progress,
-        header=(
-            "Evaluation of captum_vit methods on the bundled DeiT-Tiny: perturbation AUCs on the "
-            "ImageNet sample, segmentation / pointing / FAF / BAF on the VOC images with masks.\n\n"
-            f"Command: `{command}`\n\n"
-        ),
-    )
-
-
-def bench_main(argv: list[str] | None = None) -> int:
-    """``captum-vit bench``: ``--eval`` evaluates the bundled DeiT-Tiny on the shared
-    ImageNet sample (perturbation AUCs) and VOC masks (segmentation, pointing game,
-    FAF/BAF), writing per-image rows to ``OUT/NAME_rows/`` and the table with
-    bootstrap intervals to ``OUT/NAME.csv`` / ``.md`` (the same machinery as
-    ``captum-vit eval``: ``--nproc``, ``--resume``, ``--compare``); ``--speed``
-    writes the speed table (time ratios to a forward pass and to peers).
-
-    Args:
-        argv (list[str], optional): arguments (without the program name).
-            Default: None (``sys.argv[1:]``)
-
-    Returns:
-        int: exit status (0 on success, 2 bad options or input).
-
-    Example::
-
-        $ captum-vit bench --eval --limit 100 --nproc 2
-        $ captum-vit bench --speed --repeats 3
-    """
-    from ._eval_cli import EvalUsageError, start
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    command = "captum-vit bench " + " ".join(argv)
-    if args.nproc < 1:
-        raise SystemExit("--nproc must be >= 1")
-    out = Path(args.out)
-    if args.speed:
-        out.mkdir(parents=True, exist_ok=True)
-        from ._speed import speed_benchmark
-
-        text = f"Command: `{command}`\n\n" + speed_benchmark(args)
-        stem = args.name or "speed_deit_tiny"
-        (out / f"{stem}.md").write_text(text)
-        print(text)
-        return 0
-    try:
-        return start(_eval_spec(args, command), args.nproc, "bench", argv)
-    except EvalUsageError as err:
-        raise SystemExit(str(err)) from err

@@ -17,11 +17,11 @@ from conftest import DEIT_WEIGHTS, make_model
 from torch import Tensor, nn
 
 from captum_vit import AttentionRollout
+from captum_vit._eval_cli import bench_main
 from captum_vit.evaluation import (
     METRICS,
     EvaluationTable,
     available_methods,
-    bench_main,
     evaluate,
     register_method,
 )
