@@ -42,6 +42,10 @@ class EvalDataError(ValueError):
     """The data folder cannot be used at all (raised before any image is read)."""
 
 
+class _Unreadable(Exception):
+    """A file of the set that cannot be read as an image or mask."""
+
+
 @dataclass(frozen=True)
 class _Item:
     image_id: str
@@ -263,12 +267,15 @@ class EvalDataset(torch.utils.data.Dataset[dict[str, Any]]):
     def _load(self, i: int) -> dict[str, Any]:
         from PIL import Image
 
+        from .io import read_image
         from .metrics import align_mask
 
         it = self.items[i]
         label = self._label(it.label)
-        with Image.open(it.path) as im:
-            rgb = im.convert("RGB")
+        try:
+            rgb = read_image(it.path)
+        except (OSError, ValueError) as err:
+            raise _Unreadable(str(err)) from err
         out: dict[str, Any] = {"id": it.image_id, "index": i, "image": self.transform(rgb), "label": label}
         if self.masks is None:
             return out
@@ -278,8 +285,11 @@ class EvalDataset(torch.utils.data.Dataset[dict[str, Any]]):
             out["mask"] = torch.full((int(size[-2]), int(size[-1])), 255, dtype=torch.uint8)
             out["has_mask"] = False
             return out
-        with Image.open(it.mask) as mk:
-            arr = np.array(mk)
+        try:
+            with Image.open(it.mask) as mk:  # label values as stored: no RGB conversion
+                arr = np.array(mk)
+        except OSError as err:
+            raise _Unreadable(f"mask {it.mask.name}: {err}") from err
         if arr.ndim != 2:
             raise ValueError(f"mask {it.mask.name} has shape {arr.shape}, expected one channel (H, W)")
         if (arr.shape[1], arr.shape[0]) != rgb.size:
@@ -295,7 +305,7 @@ class EvalDataset(torch.utils.data.Dataset[dict[str, Any]]):
             return self._load(i)
         except Exception as err:  # one bad image must not stop the run
             reason = str(err) or err.__class__.__name__
-            if isinstance(err, OSError) or err.__class__.__name__ == "UnidentifiedImageError":
+            if isinstance(err, _Unreadable) and not reason.startswith("cannot read"):
                 reason = f"cannot read: {reason}"
             return {"id": self.items[i].image_id, "index": i, "error": reason}
 
