@@ -34,6 +34,13 @@ from .registry import available_methods
 __all__ = ["EvalUsageError", "bench_main", "eval_main", "launch"]
 
 _CONFIG = "run.json"
+#: The command a user typed, passed by ``--nproc`` to the ranks it starts (whose own
+#: argument lists lack ``--nproc``), for the summary's header.
+_COMMAND_ENV = "CAPTUM_VIT_EVAL_COMMAND"
+
+
+def _typed_command(default: str) -> str:
+    return os.environ.get(_COMMAND_ENV) or default
 
 
 class EvalUsageError(Exception):
@@ -375,7 +382,11 @@ def start(spec: RunSpec, nproc: int, command: str, argv: Sequence[str]) -> int:
         child = _strip_nproc(argv)
         if spec.threads is None:
             child += ["--threads", str(max(1, (os.cpu_count() or 1) // nproc))]
-        return launch([*command.split(), *child], nproc)
+        os.environ.setdefault(_COMMAND_ENV, " ".join(["captum-vit", command, *argv]))
+        try:
+            return launch([*command.split(), *child], nproc)
+        finally:
+            os.environ.pop(_COMMAND_ENV, None)
     return run(spec)
 
 
@@ -487,7 +498,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             rows_dir=args.out, summary_stem=str(Path(args.out) / "summary"), compare=args.compare,
             n_boot=args.n_boot, seed=args.seed, resume=args.resume, device=args.device, threads=args.threads,
             workers=args.workers, show_progress=args.progress, timeout_s=args.timeout,
-            header=f"Command: `captum-vit eval {' '.join(args_list)}`\n\n",
+            header=f"Command: `{_typed_command('captum-vit eval ' + ' '.join(args_list))}`\n\n",
         )
         return start(spec, args.nproc, "eval", args_list)
     except EvalUsageError as err:
@@ -561,7 +572,7 @@ def _eval_spec(args: argparse.Namespace, command: str) -> Any:
         header=(
             "Evaluation of captum_vit methods on the bundled DeiT-Tiny: perturbation AUCs on the "
             "ImageNet sample, segmentation / pointing / FAF / BAF on the VOC images with masks.\n\n"
-            f"Command: `{command}`\n\n"
+            f"Command: `{_typed_command(command)}`\n\n"
         ),
     )
 

@@ -341,6 +341,7 @@ def test_nproc_starts_the_same_job_through_the_elastic_launcher(
     assert _run(*common, "--out", str(two), "--nproc", "2") == 0
     assert sorted(p.name for p in two.glob("rows-*.csv")) == ["rows-00000.csv", "rows-00001.csv"]
     pd.testing.assert_frame_equal(_summary(one), _summary(two))
+    assert "--nproc 2" in (two / "summary.md").read_text().splitlines()[0]  # the command as typed
     # inside torchrun, --nproc is refused (torchrun already started the processes)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert _run(*common, "--out", str(tmp_path / "three"), "--nproc", "2") == 2
