@@ -517,8 +517,15 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--eval", action="store_true", help="faithfulness / localisation table of the bundled DeiT-Tiny")
     mode.add_argument("--speed", action="store_true", help="time ratios to a forward pass and to peers")
     p.add_argument("--methods", default=None, help="comma-separated registry names (default: all available)")
-    p.add_argument("--imagenet", default="../shared/assets/imagenet-sample", help="ImageNet sample folder with labels.csv")
-    p.add_argument("--voc", default="../shared/assets/voc2012-samples", help="VOC folder with index.csv and masks")
+    p.add_argument(
+        "--data", "--imagenet", dest="imagenet", default="../shared/assets/imagenet-sample",
+        help="--eval: ImageNet images for the perturbation test (labels.csv or class folders; "
+        "default: %(default)s, the project's shared sample)",
+    )
+    p.add_argument(
+        "--masks", "--voc", dest="voc", default="../shared/assets/voc2012-samples",
+        help="--eval: images with N_mask.png masks for the localisation scores (default: %(default)s)",
+    )
     p.add_argument("--limit", type=int, default=None, help="use at most this many ImageNet images")
     p.add_argument("--stride", type=int, default=1, help="use every k-th ImageNet image (fixed subset)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -553,7 +560,12 @@ def _eval_spec(args: argparse.Namespace, command: str) -> Any:
         voc = str(Path(args.voc).resolve())
         sources.append(Source(voc, masks=voc, perturbation=False, id_prefix="voc/"))
     if not sources:
-        raise EvalUsageError(f"neither {args.imagenet} nor {args.voc} exists")
+        raise EvalUsageError(
+            f"no evaluation data: neither {args.imagenet} nor {args.voc} exists (the defaults are the "
+            "project's shared sample beside a development checkout); pass --data DIR (images with "
+            "labels.csv or class folders) and/or --masks DIR, or use `captum-vit eval` for your "
+            "own model and data"
+        )
     stem = args.name or "eval_deit_tiny"
     out = Path(args.out)
     return RunSpec(

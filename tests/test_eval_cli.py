@@ -345,3 +345,13 @@ def test_nproc_starts_the_same_job_through_the_elastic_launcher(
     # inside torchrun, --nproc is refused (torchrun already started the processes)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert _run(*common, "--out", str(tmp_path / "three"), "--nproc", "2") == 2
+
+
+def test_bench_eval_without_data_says_what_to_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On a plain clone (no ../shared beside it) `bench --eval` names --data / --masks, exit 2."""
+    missing = str(tmp_path / "absent")
+    code = main(["bench", "--eval", "--data", missing, "--masks", missing, "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert "pass --data DIR" in err and "--masks DIR" in err and "captum-vit eval" in err
