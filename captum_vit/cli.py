@@ -607,47 +607,58 @@ def _cmd_analyze(opts: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- eval
-def _cmd_eval(argv: Sequence[str]) -> int:
-    from ._eval_cli import eval_main
+def _guarded(command: str, run: Callable[[], Any], usage: tuple[type[Exception], ...] = ()) -> int:
+    """Run one command and turn what it raises into the documented exit codes.
 
+    Usage errors (``CliUsageError``, ``UnsupportedModelError``, the ``usage`` types,
+    ``SystemExit`` with a message) print one line and give 2; Ctrl-C gives 130; any
+    other exception prints one line and gives 1 (with its traceback when
+    ``CAPTUM_VIT_DEBUG=1``).
+    """
+    from ._capture import UnsupportedModelError
+
+    usage_errors: tuple[type[Exception], ...] = (CliUsageError, *usage)
     try:
-        return eval_main(list(argv))
+        return int(run() or 0)
+    except SystemExit as exc:  # argparse: 0 for --help, 2 for usage errors; or a message
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        print(f"captum-vit {command}: error: {exc.code}", file=sys.stderr)
+        return EXIT_USAGE
+    except UnsupportedModelError as err:
+        print(f"captum-vit {command}: error: unsupported model: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except usage_errors as err:
+        print(f"captum-vit {command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("captum-vit: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
         if os.environ.get("CAPTUM_VIT_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
-        print(f"captum-vit eval: failed: {err.__class__.__name__}: {err}", file=sys.stderr)
+        print(f"captum-vit {command}: failed: {err.__class__.__name__}: {err}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _cmd_eval(argv: Sequence[str]) -> int:
+    def run() -> int:
+        from ._eval_cli import eval_main
+
+        return eval_main(list(argv))
+
+    return _guarded("eval", run)
 
 
 # ---------------------------------------------------------------------------- bench
 def _cmd_bench(argv: Sequence[str]) -> int:
-    try:
+    def run() -> int:
         from ._eval_cli import bench_main
-    except ImportError as err:
-        print(f"captum-vit bench: the evaluation suite is not available ({err})", file=sys.stderr)
-        return EXIT_FAILURE
-    try:
-        result = bench_main(list(argv))
-    except SystemExit as exc:  # argparse errors (2), --help (0), explicit messages
-        if exc.code is None or isinstance(exc.code, int):
-            return int(exc.code or 0)
-        print(f"captum-vit bench: error: {exc.code}", file=sys.stderr)
-        return EXIT_USAGE
-    except (FileNotFoundError, ValueError) as err:  # bad paths or options of the suite
-        print(f"captum-vit bench: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("captum-vit: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if os.environ.get("CAPTUM_VIT_DEBUG", "") not in ("", "0"):
-            traceback.print_exc()
-        print(f"captum-vit bench: failed: {err.__class__.__name__}: {err}", file=sys.stderr)
-        return EXIT_FAILURE
-    return int(result or 0)
+
+        return int(bench_main(list(argv)) or 0)
+
+    # bad paths or options of the suite are usage errors
+    return _guarded("bench", run, usage=(FileNotFoundError, ValueError))
 
 
 # ---------------------------------------------------------------------------- parser
@@ -806,26 +817,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = parser.parse_args(args)
     except SystemExit as exc:  # argparse: 0 for --help/--version, 2 for usage errors
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
-    debug = os.environ.get("CAPTUM_VIT_DEBUG", "") not in ("", "0")
-    from ._capture import UnsupportedModelError
 
-    try:
+    def run() -> int:
         with _one_line_warnings(opts.command):
             return int(opts.func(opts))
-    except CliUsageError as err:
-        print(f"captum-vit {opts.command}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except UnsupportedModelError as err:
-        print(f"captum-vit {opts.command}: error: unsupported model: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("captum-vit: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:
-        if debug:
-            traceback.print_exc()
-        print(f"captum-vit {opts.command}: failed: {err.__class__.__name__}: {err}", file=sys.stderr)
-        return EXIT_FAILURE
+
+    return _guarded(opts.command, run)
 
 
 if __name__ == "__main__":  # pragma: no cover
