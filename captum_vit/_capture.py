@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "AttentionGradStream",
     "AttentionRecorder",
+    "LayerGrad",
     "Pooling",
     "PoolingPath",
     "StopForward",
@@ -180,6 +182,10 @@ def _validate_attention(layer: int, attn: Any, *, check_rows: bool) -> None:
     if check_rows:
         with torch.no_grad():
             sums = attn.detach().float().sum(-1)
+            dev = (sums - 1).abs().amax()
+            # one synchronising check; the details only on failure (NaN fails `<=`)
+            if bool((dev <= _ROW_SUM_TOL) & (attn.detach().amin() >= 0)):
+                return
             if not torch.isfinite(sums).all():
                 raise ValueError(f"attention of layer {layer} contains NaN or Inf")
             if (sums - 1).abs().max().item() > _ROW_SUM_TOL or attn.min().item() < 0:
@@ -271,6 +277,9 @@ class ViTAdapter:
     rotary: str | None = None
     _capture_kind: str = field(default="module_output", repr=False)
     _dynamic_pad: bool = field(default=False, repr=False)
+    #: what depends only on the model and the input size (layouts, query weights,
+    #: the modules holding ``fused_attn``), keyed by everything it depends on
+    _cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def droppable(self) -> bool:
@@ -283,16 +292,26 @@ class ViTAdapter:
         return len(self.attention_modules)
 
     def grid_size(self, inputs: Tensor) -> tuple[int, int]:
-        """Patch grid ``(gh, gw)`` of a batch ``(B, C, H, W)`` (validated)."""
-        self.check_inputs(inputs)
-        h, w = int(inputs.shape[-2]), int(inputs.shape[-1])
+        """Patch grid ``(gh, gw)`` of a batch ``(B, C, H, W)`` (its shape validated;
+        the values are checked once per call by :meth:`check_inputs`)."""
+        self._check_shape(inputs)
+        return self._grid(int(inputs.shape[-2]), int(inputs.shape[-1]))
+
+    def _grid(self, h: int, w: int) -> tuple[int, int]:
         ph, pw = self.patch_size
         if self._dynamic_pad:
             return (math.ceil(h / ph), math.ceil(w / pw))
         return (h // ph, w // pw)
 
     def check_inputs(self, inputs: Tensor) -> None:
-        """Raise ``ValueError`` for inputs this model cannot take."""
+        """Raise ``ValueError`` for inputs this model cannot take (shape, size, NaN / Inf)."""
+        self._check_shape(inputs)
+        if inputs.is_floating_point() and inputs.numel():
+            lo, hi = torch.aminmax(inputs.detach())  # one pass; NaN propagates
+            if not bool(torch.isfinite(torch.stack((lo, hi))).all()):
+                raise ValueError("inputs contain NaN or Inf")
+
+    def _check_shape(self, inputs: Tensor) -> None:
         if not isinstance(inputs, Tensor):
             raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
         if inputs.ndim != 4:
@@ -301,8 +320,6 @@ class ViTAdapter:
             )
         if inputs.shape[0] == 0:
             raise ValueError("inputs is an empty batch")
-        if inputs.is_floating_point() and not torch.isfinite(inputs).all():
-            raise ValueError("inputs contain NaN or Inf")
         h, w = int(inputs.shape[-2]), int(inputs.shape[-1])
         if self.img_size is not None and (h, w) != self.img_size:
             hint = (
@@ -319,8 +336,22 @@ class ViTAdapter:
             raise ValueError(f"inputs of {h}x{w} are smaller than one {ph}x{pw} patch")
 
     def layout(self, inputs: Tensor, num_tokens: int) -> TokenLayout:
-        """The token layout of ``inputs`` given the sequence length seen by attention."""
-        grid = self.grid_size(inputs)
+        """The token layout of ``inputs`` given the sequence length seen by attention.
+
+        Depends only on the model and the input size: computed once per size and
+        cached on the adapter.
+        """
+        self._check_shape(inputs)
+        h, w = int(inputs.shape[-2]), int(inputs.shape[-1])
+        key = ("layout", h, w, int(num_tokens), self.num_prefix_tokens, self.pooling,
+               self.patch_size, self._dynamic_pad)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache[key] = self._layout(h, w, int(num_tokens))
+        return cached  # type: ignore[no-any-return]
+
+    def _layout(self, h: int, w: int, num_tokens: int) -> TokenLayout:
+        grid = self._grid(h, w)
         patches = grid[0] * grid[1]
         prefix = self.num_prefix_tokens
         if prefix is None:
@@ -328,8 +359,7 @@ class ViTAdapter:
             if prefix < 0:
                 raise ValueError(
                     f"attention has {num_tokens} tokens but the {grid[0]}x{grid[1]} patch "
-                    f"grid of a {tuple(inputs.shape[-2:])} input needs {patches}: check "
-                    "patch_size"
+                    f"grid of a {(h, w)} input needs {patches}: check patch_size"
                 )
         elif prefix + patches != num_tokens:
             raise ValueError(
@@ -345,6 +375,17 @@ class ViTAdapter:
 
     def query_weights(self, layout: TokenLayout, device: torch.device | None = None) -> Tensor:
         """Weights ``(N,)`` over token rows that the model's head pools (sum to 1)."""
+        return self._query_weights(layout, device).clone()
+
+    def _query_weights(self, layout: TokenLayout, device: torch.device | str | None = None) -> Tensor:
+        """:meth:`query_weights`, cached per layout, pooling and device (read only)."""
+        key = ("query", layout, self.pooling, str(device))
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache[key] = self._make_query_weights(layout, device)
+        return cached  # type: ignore[no-any-return]
+
+    def _make_query_weights(self, layout: TokenLayout, device: torch.device | str | None) -> Tensor:
         w = torch.zeros(layout.num_tokens, dtype=torch.float32, device=device)
         p = layout.num_prefix_tokens
         if self.pooling == "cls":
@@ -445,7 +486,7 @@ class ViTAdapter:
         )
         with contextlib.ExitStack() as stack:
             if self._capture_kind == "timm":
-                for m in self.model.modules():
+                for m in self._fused_flag_modules():
                     if isinstance(getattr(m, "fused_attn", None), (bool, _ThreadFlag)):
                         stack.enter_context(_thread_flag(m, "fused_attn", False))
             elif self._capture_kind == "hf":
@@ -459,6 +500,21 @@ class ViTAdapter:
             except StopForward as stop:
                 if stop.recorder is not recorder:
                     raise
+
+    def _cached(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per ``key`` and kept on the adapter."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def _fused_flag_modules(self) -> list[nn.Module]:
+        """The modules of a timm model that have a ``fused_attn`` attribute (cached)."""
+        mods = self._cache.get("fused_flag_modules")
+        if mods is None:
+            mods = self._cache["fused_flag_modules"] = [
+                m for m in self.model.modules() if hasattr(m, "fused_attn")
+            ]
+        return mods  # type: ignore[no-any-return]
 
     def _hook_layer(
         self, layer: int, module: nn.Module, recorder: AttentionRecorder
@@ -476,10 +532,94 @@ class ViTAdapter:
             )
 
         # hf and custom: the module's output (or its second item) is the attention.
+        custom = self._capture_kind == "module_output"
+
         def output_hook(m: nn.Module, _args: Any, out: Any) -> None:
-            _record(recorder, layer, _second_if_tuple(out, layer), m)
+            _record(recorder, layer, _second_if_tuple(out, layer), m, rows=custom)
 
         return _thread_forward_hook(module, output_hook, channel="capture")
+
+    @contextlib.contextmanager
+    def stream_attention_grads(
+        self,
+        on_layer: Callable[[LayerGrad], None],
+        *,
+        first_layer: int = 0,
+        validate: bool = True,
+    ) -> Iterator[AttentionGradStream]:
+        """Deliver each layer's attention and its gradient during the backward pass.
+
+        Inside the block, run the forward pass on this thread (grad enabled), then
+        call ``stream.backward(score)``: ``on_layer`` receives one
+        :class:`LayerGrad` per layer from ``first_layer`` on, as the backward pass
+        reaches it (normally from the last layer down); a layer whose attention has
+        no gradient (it does not depend on the input or on any parameter, or the
+        score does not depend on it) is not delivered. The backward pass stops at the
+        lowest delivered layer and computes no parameter gradients.
+
+        The model keeps its fused attention: a layer that calls
+        ``F.scaled_dot_product_attention`` (timm with ``fused_attn``, Hugging Face
+        ``sdpa``, torchvision) runs that kernel unchanged and keeps only its q, k, v
+        (saved by SDPA for its own backward anyway); :meth:`LayerGrad.chunks` then
+        recomputes the probabilities from q and k and takes ``G = dO · Vᵀ`` from the
+        gradient ``dO`` of the attention output, a few heads at a time. Layers that
+        materialise their probabilities (timm with ``fused_attn`` off, custom
+        attention modules, attention dropout in training mode) deliver those and
+        their gradient. Hooks and patches follow the rules of :meth:`capture` (this
+        thread only, shared and restored by the last user).
+
+        Args:
+            on_layer (Callable[[LayerGrad], None]): called in the backward pass.
+            first_layer (int, optional): lowest layer delivered. Default: 0
+            validate (bool, optional): check materialised probabilities (shape; row
+                sums for custom attention modules in eval mode). Default: True
+
+        Yields:
+            AttentionGradStream: call ``backward(score)`` on it after the forward.
+
+        Example::
+
+            >>> with adapter.stream_attention_grads(lambda g: print(g.layer)) as s:
+            ...     score = adapter.forward(x)[:, 3].sum()
+            ...     s.backward(score)          # prints 11, 10, ..., 0
+        """
+        stream = AttentionGradStream(self.num_layers, on_layer, first_layer, validate)
+        custom = self._capture_kind == "module_output"
+        with contextlib.ExitStack() as stack:
+            for layer, module in enumerate(self.attention_modules):
+                if self._capture_kind == "torchvision":
+                    stack.enter_context(
+                        _thread_forward(module, _torchvision_sdpa_forward(module, stream, layer))
+                    )
+                    continue
+                if self._capture_kind in ("timm", "hf"):
+                    stack.enter_context(_thread_forward(module, _sdpa_wrapped(module, stream, layer)))
+                if self._capture_kind == "timm":
+                    target = module.get_submodule("attn_drop")
+
+                    def timm_hook(m: nn.Module, _args: Any, out: Any, layer: int = layer) -> Any:
+                        return stream.attention(layer, out, check_rows=False)
+
+                    stack.enter_context(_thread_forward_hook(target, timm_hook, channel="stream"))
+                elif self._capture_kind == "hf":
+
+                    def hf_hook(m: nn.Module, _args: Any, out: Any, layer: int = layer) -> None:
+                        if layer in stream.seen:  # already streamed through SDPA
+                            return
+                        stream.watch(layer, _second_if_tuple(out, layer), check_rows=False)
+
+                    stack.enter_context(_thread_forward_hook(module, hf_hook, channel="stream"))
+                else:
+
+                    def custom_hook(m: nn.Module, _args: Any, out: Any, layer: int = layer) -> Any:
+                        rows = custom and not m.training
+                        if isinstance(out, (tuple, list)):  # the module used it already
+                            stream.watch(layer, _second_if_tuple(out, layer), check_rows=rows)
+                            return None
+                        return stream.attention(layer, out, check_rows=rows)
+
+                    stack.enter_context(_thread_forward_hook(module, custom_hook, channel="stream"))
+            yield stream
 
 
 def _second_if_tuple(out: Any, layer: int) -> Any:
@@ -494,8 +634,13 @@ def _second_if_tuple(out: Any, layer: int) -> Any:
     return out
 
 
-def _record(recorder: AttentionRecorder, layer: int, attn: Any, module: nn.Module) -> None:
-    recorder.record(layer, attn, check_rows=not module.training)
+def _record(
+    recorder: AttentionRecorder, layer: int, attn: Any, module: nn.Module, *, rows: bool = False
+) -> None:
+    """Record one layer. Row sums are checked for custom attention modules in eval
+    mode only (``rows``): known families compute their probabilities by softmax, and
+    the methods check their results for NaN / Inf once."""
+    recorder.record(layer, attn, check_rows=rows and not module.training)
 
 
 # ------------------------------------------------------- thread-dispatched patches
@@ -886,6 +1031,300 @@ def _torchvision_mha_patch(
         return out, weights
 
     return _thread_forward(mha, forward)
+
+# ----------------------------------------------------- streamed attention gradients
+#
+# GradientRollout needs, per layer, the attention probabilities A and G = dy/dA. The
+# stream delivers them one layer at a time *during the backward pass*, so that no
+# more than one layer's (heads x N x N) maps live at once, and lets the model keep
+# its fused attention: where a layer calls ``F.scaled_dot_product_attention`` the call
+# runs as is and only its q, k, v (which SDPA saves for its own backward anyway) are
+# kept; in the backward, A is recomputed from q and k and G = dO · Vᵀ from the
+# gradient dO of the attention output. Layers that materialise A themselves (timm with
+# ``fused_attn`` off, custom attention modules, training-mode dropout) deliver that A
+# and its gradient. Each layer's tensor passes through :class:`_Tap`, an identity
+# whose backward hands the gradient over; all taps share one scalar *anchor* leaf, and
+# the backward is ``torch.autograd.grad(score, anchor)``: it runs exactly the part of
+# the graph between the score and the lowest tapped layer.
+
+
+class LayerGrad:
+    """One layer's attention probabilities and their gradient, in the backward pass.
+
+    Attributes:
+        layer (int): the layer index (depth order).
+        shape (tuple[int, int, int, int]): ``(B, heads, N, N)``.
+    """
+
+    layer: int
+    shape: tuple[int, int, int, int]
+
+    def chunks(self, max_elements: int = 1 << 22) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(A, G)`` for consecutive groups of heads, float32 ``(B, h, N, N)`` each.
+
+        ``h`` is the largest head count with ``B·h·N·N <= max_elements`` (at least
+        one head). The tensors may alias the model's own: do not modify them.
+        """
+        raise NotImplementedError
+
+    def _heads_per_chunk(self, max_elements: int) -> int:
+        b, h, n, m = self.shape
+        return max(1, min(h, max_elements // max(1, b * n * m)))
+
+
+class _FusedLayerGrad(LayerGrad):
+    """A layer run through SDPA: A recomputed from q, k; G = dO · Vᵀ."""
+
+    def __init__(
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float,
+        mask: Tensor | None, d_out: Tensor,
+    ) -> None:
+        self.layer, self.q, self.k, self.v, self.scale, self.mask, self.d_out = (
+            layer, q, k, v, scale, mask, d_out,
+        )
+        b, h, n, _ = q.shape
+        self.shape = (b, h, n, int(k.shape[-2]))
+
+    def chunks(self, max_elements: int = 1 << 22) -> Iterator[tuple[Tensor, Tensor]]:
+        step = self._heads_per_chunk(max_elements)
+        heads = self.shape[1]
+        for h0 in range(0, heads, step):
+            sl = slice(h0, h0 + step)
+            probs = _probabilities(self.q[:, sl].float(), self.k[:, sl].float(), self.scale,
+                                   _mask_heads(self.mask, sl, heads))
+            grad = torch.matmul(self.d_out[:, sl].float(), self.v[:, sl].float().transpose(-2, -1))
+            yield probs, grad
+
+
+class _EagerLayerGrad(LayerGrad):
+    """A layer whose probabilities the model materialised: A and its gradient."""
+
+    def __init__(self, layer: int, attn: Tensor, grad: Tensor) -> None:
+        self.layer, self.attn, self.grad = layer, attn, grad
+        self.shape = tuple(int(s) for s in attn.shape)  # type: ignore[assignment]
+
+    def chunks(self, max_elements: int = 1 << 22) -> Iterator[tuple[Tensor, Tensor]]:
+        step = self._heads_per_chunk(max_elements)
+        for h0 in range(0, self.shape[1], step):
+            sl = slice(h0, h0 + step)
+            yield self.attn[:, sl].float(), self.grad[:, sl].float()
+
+
+def _mask_heads(mask: Tensor | None, sl: slice, heads: int) -> Tensor | None:
+    if mask is not None and mask.ndim == 4 and mask.shape[1] == heads and heads > 1:
+        return mask[:, sl]
+    return mask
+
+
+def _probabilities(q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> Tensor:
+    """``softmax(q kᵀ · scale + mask)`` as SDPA computes it (bool masks: False = -inf)."""
+    logits = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask.to(logits.dtype)
+    return logits.softmax(dim=-1)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity in the forward; hands its gradient to ``deliver`` in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, anchor: Tensor, deliver: Callable[[Tensor], None]) -> Tensor:
+        ctx.deliver = deliver
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        deliver, ctx.deliver = ctx.deliver, None
+        if deliver is not None:
+            deliver(grad)
+        return grad, None, None
+
+
+class AttentionGradStream:
+    """Collects what :meth:`ViTAdapter.stream_attention_grads` needs from the forward
+    pass and runs the backward pass that delivers each layer's :class:`LayerGrad`.
+
+    Attributes:
+        num_tokens (int | None): ``N`` of the recorded layers (after the forward).
+        seen (set[int]): layers whose attention ran in the forward pass.
+        delivered (set[int]): layers handed to ``on_layer`` by :meth:`backward`.
+    """
+
+    def __init__(
+        self, num_layers: int, on_layer: Callable[[LayerGrad], None], first_layer: int,
+        validate: bool,
+    ) -> None:
+        self.num_layers = num_layers
+        self.num_tokens: int | None = None
+        self.seen: set[int] = set()
+        self.delivered: set[int] = set()
+        self._on_layer = on_layer
+        self._first = first_layer
+        self._validate = validate
+        self._anchor: Tensor | None = None
+        self._watched: list[Tensor] = []
+
+    def _note(self, layer: int, n: int) -> bool:
+        """Record that ``layer`` ran with ``n`` tokens; whether it is streamed."""
+        self.num_tokens = n
+        self.seen.add(layer)
+        return layer >= self._first
+
+    def _deliver(self, grad: LayerGrad) -> None:
+        self.delivered.add(grad.layer)
+        self._on_layer(grad)
+
+    def _tap(self, tensor: Tensor, make: Callable[[Tensor], LayerGrad]) -> Tensor:
+        if not tensor.requires_grad:
+            return tensor
+        if self._anchor is None:
+            self._anchor = torch.zeros((), requires_grad=True)
+        box = [make]
+
+        def deliver(grad: Tensor) -> None:
+            self._deliver(box.pop()(grad))
+
+        out: Tensor = _Tap.apply(tensor, self._anchor, deliver)
+        return out
+
+    def sdpa(self, layer: int, func: Callable[..., Tensor], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Tensor:
+        """Run one ``scaled_dot_product_attention`` call of ``layer`` (from its wrapper)."""
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        bound = dict(zip(names, args, strict=False))
+        bound.update(kwargs)
+        q, k, v = bound["query"], bound["key"], bound["value"]
+        mask: Tensor | None = bound.get("attn_mask")
+        p = float(bound.get("dropout_p", 0.0) or 0.0)
+        causal = bool(bound.get("is_causal", False))
+        gqa = bool(bound.get("enable_gqa", False))
+        if q.ndim != 4 or k.shape[-2] != q.shape[-2]:
+            raise UnsupportedModelError(
+                f"attention of layer {layer} is not self-attention over one token sequence "
+                f"(query {tuple(q.shape)}, key {tuple(k.shape)}); captum_vit explains "
+                "global self-attention only"
+            )
+        scale = bound.get("scale")
+        scale = float(q.shape[-1] ** -0.5) if scale is None else float(scale)
+        streamed = self._note(layer, int(q.shape[-2]))
+        if not streamed:
+            return func(*args, **kwargs)
+        if gqa and k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        if causal:
+            n = q.shape[-2]
+            keep = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            mask = keep if mask is None else (mask & keep if mask.dtype == torch.bool
+                                              else mask.masked_fill(~keep, float("-inf")))
+        if p == 0.0:
+            out = func(*args, **kwargs)
+            return self._tap(out, lambda g: _FusedLayerGrad(layer, q, k, v, scale, mask, g))
+        # dropout on the probabilities: materialise them, as the unfused kernel does
+        attn = F.dropout(_probabilities(q, k, scale, mask).to(q.dtype), p=p, training=True)
+        tapped = self._tap(attn, lambda g: _EagerLayerGrad(layer, attn, g))
+        return torch.matmul(tapped, v)
+
+    def attention(self, layer: int, attn: Any, *, check_rows: bool) -> Tensor:
+        """A materialised probability tensor of ``layer`` (used downstream as returned)."""
+        if self._validate:
+            _validate_attention(layer, attn, check_rows=check_rows)
+        if not self._note(layer, int(attn.shape[-1])):
+            return attn
+        return self._tap(attn, lambda g: _EagerLayerGrad(layer, attn, g))
+
+    def watch(self, layer: int, attn: Any, *, check_rows: bool) -> None:
+        """A probability tensor that cannot be replaced downstream (a module's second
+        output): its gradient is taken directly (kept until the backward ends)."""
+        if self._validate:
+            _validate_attention(layer, attn, check_rows=check_rows)
+        if not self._note(layer, int(attn.shape[-1])) or not attn.requires_grad:
+            return
+        attn.register_hook(lambda g: self._deliver(_EagerLayerGrad(layer, attn.detach(), g)))
+        self._watched.append(attn)
+
+    def backward(self, score: Tensor) -> None:
+        """Back-propagate ``score`` (a scalar) far enough to deliver every streamed layer."""
+        inputs = ([self._anchor] if self._anchor is not None else []) + self._watched
+        if inputs and score.requires_grad:
+            torch.autograd.grad(score, inputs, allow_unused=True)
+        self._watched = []
+        self._anchor = None
+
+
+class _SdpaTap(torch.overrides.TorchFunctionMode):
+    """Routes this thread's ``F.scaled_dot_product_attention`` calls to the stream."""
+
+    def __init__(self, stream: AttentionGradStream, layer: int) -> None:
+        super().__init__()
+        self.stream, self.layer = stream, layer
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        if func is F.scaled_dot_product_attention:
+            return self.stream.sdpa(self.layer, func, args, kwargs or {})
+        return func(*args, **(kwargs or {}))
+
+
+def _sdpa_wrapped(module: nn.Module, stream: AttentionGradStream, layer: int) -> Callable[..., Any]:
+    """``module``'s class forward, with its SDPA calls routed to ``stream``."""
+    cls_forward = type(module).forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with _SdpaTap(stream, layer):
+            return cls_forward(module, *args, **kwargs)
+
+    return forward
+
+
+def _torchvision_sdpa_forward(
+    mha: nn.Module, stream: AttentionGradStream, layer: int
+) -> Callable[..., Any]:
+    """An ``nn.MultiheadAttention`` forward through SDPA, its call routed to ``stream``."""
+    assert isinstance(mha, nn.MultiheadAttention)
+    if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
+        raise UnsupportedModelError(
+            "captum_vit captures nn.MultiheadAttention with a packed in-projection "
+            "(kdim == vdim == embed_dim), no bias_k/bias_v and add_zero_attn=False only; "
+            "pass attention_modules= pointing at modules that output the probabilities"
+        )
+
+    def forward(
+        query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+        need_weights: bool = True, attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True, is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise UnsupportedModelError(
+                f"nn.MultiheadAttention of layer {layer} is called with an attention mask; "
+                "captum_vit captures unmasked self-attention only"
+            )
+        if not (_same_tensor(key, query) and _same_tensor(value, query)):
+            raise UnsupportedModelError(
+                f"nn.MultiheadAttention of layer {layer} is called as cross-attention (its "
+                "key or value is not its query): captum_vit explains self-attention only"
+            )
+        x = query if mha.batch_first else query.transpose(0, 1)
+        b, n, d = x.shape
+        h = mha.num_heads
+        in_w = mha.in_proj_weight
+        assert isinstance(in_w, Tensor)
+        q, k, v = F.linear(x, in_w, mha.in_proj_bias).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        p = mha.dropout if mha.training else 0.0
+        out = stream.sdpa(layer, F.scaled_dot_product_attention, (q, k, v), {"dropout_p": p})
+        out = mha.out_proj(out.transpose(1, 2).reshape(b, n, d))
+        if not mha.batch_first:
+            out = out.transpose(0, 1)
+        if need_weights:
+            weights = _probabilities(q, k, float((d // h) ** -0.5), None)
+            return out, (weights.mean(1) if average_attn_weights else weights)
+        return out, None
+
+    return forward
+
 
 # ---------------------------------------------------------------------- heads
 @dataclass

@@ -17,14 +17,17 @@ __all__: list[str] = []
 
 def _query_rows(matrix: Tensor, adapter: ViTAdapter, layout: TokenLayout) -> Tensor:
     """Query rows of a (B, ..., N, N) matrix, patch columns only: (B, ..., gh, gw)."""
-    rows = _weighted_rows(adapter.query_weights(layout, device=matrix.device), matrix)
+    rows = _weighted_rows(adapter._query_weights(layout, matrix.device), matrix)
     patches = rows[..., layout.num_prefix_tokens :]
     return patches.reshape(*patches.shape[:-1], *layout.grid)
 
 
 def _query_indices(adapter: ViTAdapter, layout: TokenLayout, device: torch.device) -> Tensor:
     """Indices of the token rows the head reads (where the query weights are > 0)."""
-    return torch.nonzero(adapter.query_weights(layout, device=device) > 0).flatten()
+    def make() -> Tensor:
+        return torch.nonzero(adapter._query_weights(layout, device) > 0).flatten()
+
+    return adapter._cached(("query_indices", layout, adapter.pooling, str(device)), make)  # type: ignore[no-any-return]
 
 
 def _format_output(
@@ -139,3 +142,13 @@ def _lazy_product(
         )
     product: RolloutProduct = state["product"]
     return product
+
+
+def _check_finite(maps: Tensor, method: str) -> None:
+    """One finiteness check of a result (the attention of known families is not
+    validated layer by layer: a NaN or Inf in it shows up here)."""
+    if not bool(torch.isfinite(maps).all()):
+        raise ValueError(
+            f"{method}: the model's attention contains NaN or Inf (check its weights and "
+            "the input dtype)"
+        )

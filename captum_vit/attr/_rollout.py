@@ -6,9 +6,12 @@ All arithmetic is float32 whatever the model's dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+
+from .._capture import LayerGrad
 
 __all__: list[str] = []
 
@@ -47,11 +50,10 @@ def discard_smallest(fused: Tensor, ratio: float, protected: Tensor) -> Tensor:
 
 def residual_normalize(fused: Tensor, residual_weight: float) -> Tensor:
     """``(1 - w)·F + w·I``, each row divided by its sum (all-zero rows stay zero)."""
-    n = fused.shape[-1]
-    eye = torch.eye(n, dtype=fused.dtype, device=fused.device)
-    mixed = (1.0 - residual_weight) * fused + residual_weight * eye
+    mixed = fused * (1.0 - residual_weight)
+    mixed.diagonal(dim1=-2, dim2=-1).add_(residual_weight)
     sums = mixed.sum(dim=-1, keepdim=True)
-    return mixed / torch.where(sums > 0, sums, torch.ones_like(sums))
+    return mixed.div_(sums.masked_fill_(sums <= 0, 1.0))
 
 
 class RolloutProduct:
@@ -75,7 +77,10 @@ class RolloutProduct:
 
     def layer_matrix(self, per_head: Tensor) -> Tensor:
         """Steps 1-3 for one layer: fuse heads, discard, residual + row normalisation."""
-        fused = fuse_heads(per_head, self.head_fusion)
+        return self.fused_matrix(fuse_heads(per_head, self.head_fusion))
+
+    def fused_matrix(self, fused: Tensor) -> Tensor:
+        """Steps 2-3 for one layer's fused map ``(B, N, N)``: discard, residual + rows."""
         fused = discard_smallest(fused, self.discard_ratio, self.protected.to(fused.device))
         return residual_normalize(fused, self.residual_weight)
 
@@ -101,3 +106,68 @@ def check_rollout_args(discard_ratio: float, residual_weight: float) -> None:
         raise ValueError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
     if not 0.0 <= float(residual_weight) <= 1.0:
         raise ValueError(f"residual_weight must be in [0, 1], got {residual_weight}")
+
+
+def fuse_grad_weighted(grad: LayerGrad, head_fusion: str) -> Tensor:
+    """``fuse_heads((G ⊙ A)⁺)`` of one streamed layer, ``(B, N, N)`` float32, computed
+    a few heads at a time (never the whole layer's per-head maps at once)."""
+    heads = grad.shape[1]
+    fused: Tensor | None = None
+    for attn, g in grad.chunks():
+        part = torch.mul(attn, g).clamp_(min=0)
+        if head_fusion == "mean":
+            step = part.sum(dim=1)
+            fused = step if fused is None else fused.add_(step)
+        elif head_fusion == "max":
+            step = part.amax(dim=1)
+            fused = step if fused is None else torch.maximum(fused, step, out=fused)
+        else:
+            step = part.amin(dim=1)
+            fused = step if fused is None else torch.minimum(fused, step, out=fused)
+        del part
+    assert fused is not None
+    return fused.div_(heads) if head_fusion == "mean" else fused
+
+
+class BackwardProduct:
+    """Accumulates a product of per-layer matrices from the last layer down.
+
+    ``R ← R · M_l`` for ``l = last, …, first`` starting from ``R = start``
+    (``(B, q, N)``: query weights for one row per sample, or the identity for the
+    full matrix), so that ``R = start · M_last ⋯ M_first``. Layers arrive through
+    :meth:`push` in any order (a streamed backward pass delivers them from the last
+    layer down); each is applied as soon as every layer above it has been, and
+    :meth:`finish` applies the layers that never arrived with ``missing(l)``.
+
+    Args:
+        first (int): lowest layer of the product.
+        last (int): highest layer of the product.
+        combine (Callable[[Tensor, Tensor], Tensor]): ``(R, layer_value) -> R``.
+    """
+
+    def __init__(self, first: int, last: int, combine: Callable[[Tensor, Tensor], Tensor]) -> None:
+        self.first, self.next = first, last
+        self.combine = combine
+        self.result: Tensor | None = None
+        self._pending: dict[int, Tensor | None] = {}
+
+    def start(self, value: Tensor) -> None:
+        self.result = value
+
+    def push(self, layer: int, value: Tensor | None) -> None:
+        """Layer ``layer``'s value (``None``: the layer has no gradient)."""
+        self._pending[layer] = value
+        while self.next >= self.first and self.next in self._pending:
+            item = self._pending.pop(self.next)
+            if item is not None:
+                assert self.result is not None
+                self.result = self.combine(self.result, item)
+            self.next -= 1
+
+    def finish(self, missing: Callable[[int], Tensor | None]) -> Tensor:
+        """Apply the layers that did not arrive (``missing(l)``); return ``R``."""
+        while self.next >= self.first:
+            layer = self.next
+            self.push(layer, self._pending.get(layer, missing(layer)))
+        assert self.result is not None
+        return self.result

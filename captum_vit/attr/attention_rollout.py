@@ -11,6 +11,7 @@ from .._capture import ViTAdapter, resolve_adapter
 from .._compat import log_usage
 from .._utils import TargetType, _forward_args, _unpack_inputs
 from ._common import (
+    _check_finite,
     _check_fusion,
     _check_layer_index,
     _format_output,
@@ -103,6 +104,7 @@ class AttentionRollout(Attribution):
         )
         result = state["product"].result
         assert result is not None
+        _check_finite(result, "AttentionRollout")
         return result, layout
 
     def rollout(self, inputs: Tensor, additional_forward_args: Any = None) -> Tensor:

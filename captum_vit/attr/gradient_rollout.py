@@ -8,18 +8,17 @@ import torch
 from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
-from .._capture import TokenLayout, ViTAdapter, resolve_adapter
+from .._capture import LayerGrad, TokenLayout, ViTAdapter, resolve_adapter
 from .._compat import log_usage
 from .._utils import TargetType, _forward_args, _resolve_target, _unpack_inputs
 from ._common import (
+    _check_finite,
     _check_fusion,
     _check_layer_index,
     _format_output,
     _query_indices,
-    _query_rows,
-    _run_captured,
 )
-from ._rollout import RolloutProduct, check_rollout_args, chefer_update
+from ._rollout import BackwardProduct, RolloutProduct, check_rollout_args, fuse_grad_weighted
 
 __all__ = ["GradientRollout"]
 
@@ -113,47 +112,69 @@ class GradientRollout(GradientAttribution):
             Tensor: ``(B, N, N)`` float32.
         """
         x, _ = _unpack_inputs(inputs)
-        return self._relevance(x, target, additional_forward_args)[0]
+        return self._relevance(x, target, additional_forward_args, full=True)[0]
 
     def _relevance(
-        self, x: Tensor, target: TargetType, additional_forward_args: Any
+        self, x: Tensor, target: TargetType, additional_forward_args: Any, *, full: bool
     ) -> tuple[Tensor, TokenLayout]:
-        with torch.enable_grad():
+        """``R`` (``full``: ``(B, N, N)``) or its query-weighted row ``(B, 1, N)``.
+
+        Streamed: each layer's ``(G ⊙ A)⁺`` is fused and multiplied onto ``R`` from
+        the last layer down as the backward pass reaches it, so at most one layer's
+        maps (a few heads at a time) are alive; see
+        :meth:`ViTAdapter.stream_attention_grads`.
+        """
+        adapter = self.adapter
+        adapter.check_inputs(x)
+        chefer = self.variant == "chefer"
+        last = adapter.num_layers - 1
+        state: dict[str, Any] = {}
+
+        def combine(r: Tensor, m: Tensor) -> Tensor:
+            # Chefer: R ← (I + Ā_l) R, read from the left: row·(I + Ā_l); rollout: row·Ã_l
+            return r + torch.matmul(r, m) if chefer else torch.matmul(r, m)
+
+        product = BackwardProduct(self.start_layer, last, combine)
+
+        def on_layer(grad: LayerGrad) -> None:
+            fused = fuse_grad_weighted(grad, "mean" if chefer else self.head_fusion)
+            product.push(grad.layer, fused if chefer else state["rollout"].fused_matrix(fused))
+
+        with torch.enable_grad(), adapter.stream_attention_grads(
+            on_layer, first_layer=self.start_layer
+        ) as stream:
             # Inputs that require grad keep every attention map on the autograd path
             # even when the model's parameters are frozen.
             xg = x.detach().requires_grad_(True)
-            scores, attns, layout = _run_captured(
-                self.adapter, xg, _forward_args(additional_forward_args), keep=True
-            )
+            scores = adapter.forward(xg, *_forward_args(additional_forward_args))
+            missing = [i for i in range(adapter.num_layers) if i not in stream.seen]
+            if stream.num_tokens is None or missing:
+                raise RuntimeError(
+                    f"no attention was captured for layer(s) {missing}: the forward pass did "
+                    "not run those attention modules (are they part of the model's forward?)"
+                )
+            layout = adapter.layout(x, stream.num_tokens)
             t = _resolve_target(target, scores)
-            used = [a for a in attns[self.start_layer :] if a is not None]
+            n, batch = layout.num_tokens, int(x.shape[0])
+            if not chefer:
+                state["rollout"] = RolloutProduct(
+                    self.head_fusion, self.discard_ratio, self.residual_weight,
+                    _query_indices(adapter, layout, x.device),
+                )
+            if full:
+                product.start(torch.eye(n, device=x.device).expand(batch, n, n))
+            else:
+                w = adapter.query_weights(layout, device=x.device)
+                product.start(w.expand(batch, 1, n))
             score = scores.gather(1, t[:, None]).sum()
-            # Attention that does not depend on the input or on any parameter (e.g. a
-            # constant map) has zero gradient; autograd refuses to differentiate it.
-            live = [i for i, a in enumerate(used) if a.requires_grad]
-            grads: list[Tensor | None] = [None] * len(used)
-            if live and score.requires_grad:
-                found = torch.autograd.grad(score, [used[i] for i in live], allow_unused=True)
-                for i, g in zip(live, found, strict=True):
-                    grads[i] = g
-        relevance: Tensor | None = None
-        if self.variant == "chefer":
-            for a, maybe_g in zip(used, grads, strict=True):
-                g = torch.zeros_like(a) if maybe_g is None else maybe_g
-                relevance = chefer_update(relevance, a.detach(), g.detach())
-        else:
-            product = RolloutProduct(
-                self.head_fusion,
-                self.discard_ratio,
-                self.residual_weight,
-                _query_indices(self.adapter, layout, x.device),
-            )
-            for a, maybe_g in zip(used, grads, strict=True):
-                g = torch.zeros_like(a) if maybe_g is None else maybe_g
-                product.update((a.detach().float() * g.detach().float()).clamp(min=0))
-            relevance = product.result
-        assert relevance is not None
-        return relevance, layout
+            stream.backward(score)
+
+        def no_gradient(_layer: int) -> Tensor | None:
+            if chefer:
+                return None  # Ā_l = 0: R unchanged
+            return state["rollout"].fused_matrix(torch.zeros(batch, n, n, device=x.device))
+
+        return product.finish(no_gradient), layout
 
     @log_usage
     def attribute(
@@ -179,6 +200,7 @@ class GradientRollout(GradientAttribution):
             Tensor or tuple[Tensor]: ``inputs``-shaped map or ``(B, 1, gh, gw)``.
         """
         x, as_tuple = _unpack_inputs(inputs)
-        r, layout = self._relevance(x, target, additional_forward_args)
-        maps = _query_rows(r, self.adapter, layout)
+        r, layout = self._relevance(x, target, additional_forward_args, full=False)
+        maps = r[:, 0, layout.num_prefix_tokens :].reshape(-1, *layout.grid)
+        _check_finite(maps, "GradientRollout")
         return _format_output(maps, x, return_patch_grid=return_patch_grid, as_tuple=as_tuple)

@@ -12,6 +12,7 @@ from .._capture import ViTAdapter, resolve_adapter
 from .._compat import log_usage
 from .._utils import TargetType, _forward_args, _unpack_inputs
 from ._common import (
+    _check_finite,
     _check_fusion,
     _check_layer_index,
     _format_output,
@@ -108,6 +109,7 @@ class RawAttention(Attribution):
             last_layer=self.layer,
         )
         maps = _query_rows(kept["fused"], self.adapter, layout)
+        _check_finite(maps, "RawAttention")
         return _format_output(maps, x, return_patch_grid=return_patch_grid, as_tuple=as_tuple)
 
     def attention_maps(self, inputs: Tensor, additional_forward_args: Any = None) -> Tensor:
@@ -132,4 +134,6 @@ class RawAttention(Attribution):
         _run_attention_only(
             self.adapter, x, _forward_args(additional_forward_args), on_attention=on_attention
         )
-        return torch.stack([per_layer[i] for i in range(self.adapter.num_layers)], dim=1)
+        maps = torch.stack([per_layer[i] for i in range(self.adapter.num_layers)], dim=1)
+        _check_finite(maps, "RawAttention")
+        return maps
