@@ -1073,27 +1073,98 @@ class LayerGrad:
 
 
 class _FusedLayerGrad(LayerGrad):
-    """A layer run through SDPA: A recomputed from q, k; G = dO · Vᵀ."""
+    """A layer run through SDPA, in the backward pass of :class:`_FusedAttention`.
+
+    Its chunks are produced by the attention's own backward: each group of heads'
+    probabilities ``P = softmax(q kᵀ · scale + mask)`` and ``G = dO · Vᵀ`` are
+    computed once, handed out, then used for the gradients of q, k and v (unless
+    ``need_input_grads`` is False: nothing below this layer is needed).
+    """
 
     def __init__(
-        self, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float,
-        mask: Tensor | None, d_out: Tensor,
+        self, layer: int, q: Tensor, k: Tensor, v: Tensor, out: Tensor, scale: float,
+        mask: Tensor | None, d_out: Tensor, need_input_grads: bool,
     ) -> None:
-        self.layer, self.q, self.k, self.v, self.scale, self.mask, self.d_out = (
-            layer, q, k, v, scale, mask, d_out,
-        )
+        self.layer = layer
+        self._q, self._k, self._v, self._out, self._scale, self._mask = q, k, v, out, scale, mask
+        self._d_out = d_out
         b, h, n, _ = q.shape
         self.shape = (b, h, n, int(k.shape[-2]))
+        self._need = need_input_grads
+        self.grads: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None)
+        self._gen: Iterator[tuple[Tensor, Tensor]] | None = None
+        self._max = 1 << 22
 
     def chunks(self, max_elements: int = 1 << 22) -> Iterator[tuple[Tensor, Tensor]]:
-        step = self._heads_per_chunk(max_elements)
+        if self._gen is not None:
+            raise RuntimeError("LayerGrad.chunks() of a fused layer can be iterated once")
+        self._max = max_elements
+        self._gen = self._run()
+        return self._gen
+
+    def _finish(self) -> None:
+        """Run the remaining chunks (the gradients need them all)."""
+        if self._gen is None:
+            self._gen = self._run()
+        for _ in self._gen:
+            pass
+
+    def _run(self) -> Iterator[tuple[Tensor, Tensor]]:
+        q, k, v, scale = self._q, self._k, self._v, self._scale
         heads = self.shape[1]
+        step = self._heads_per_chunk(self._max)
+        parts: list[tuple[Tensor, Tensor, Tensor]] = []
         for h0 in range(0, heads, step):
             sl = slice(h0, h0 + step)
-            probs = _probabilities(self.q[:, sl].float(), self.k[:, sl].float(), self.scale,
-                                   _mask_heads(self.mask, sl, heads))
-            grad = torch.matmul(self.d_out[:, sl].float(), self.v[:, sl].float().transpose(-2, -1))
-            yield probs, grad
+            qc, kc, vc = q[:, sl].float(), k[:, sl].float(), v[:, sl].float()
+            doc = self._d_out[:, sl].float()
+            probs = _probabilities(qc, kc, scale, _mask_heads(self._mask, sl, heads))
+            dp = torch.matmul(doc, vc.transpose(-2, -1))
+            yield probs, dp
+            if not self._need:
+                continue
+            # softmax backward: dS = P ⊙ (dP - rowsum(dO ⊙ O)); the scale goes on dq, dk
+            delta = (doc * self._out[:, sl].float()).sum(dim=-1, keepdim=True)
+            dv = torch.matmul(probs.transpose(-2, -1), doc)
+            ds = dp.sub_(delta).mul_(probs)
+            del probs
+            parts.append((torch.matmul(ds, kc).mul_(scale),
+                          torch.matmul(ds.transpose(-2, -1), qc).mul_(scale), dv))
+            del ds
+        if parts:
+            if len(parts) == 1:
+                self.grads = parts[0]
+            else:
+                self.grads = tuple(torch.cat(p, dim=1) for p in zip(*parts))  # type: ignore[assignment]
+
+
+class _FusedAttention(torch.autograd.Function):
+    """``F.scaled_dot_product_attention`` in the forward (the model's fused kernel);
+    in the backward, the layer is delivered to the stream and the gradients of q, k
+    and v come from the same probabilities (see :class:`_FusedLayerGrad`)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, q: Tensor, k: Tensor, v: Tensor, anchor: Tensor, run: Callable[[], Tensor],
+        finish: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], _FusedLayerGrad],
+    ) -> Tensor:
+        out = run()
+        ctx.save_for_backward(q, k, v, out)
+        ctx.finish = finish
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out = ctx.saved_tensors
+        finish, ctx.finish = ctx.finish, None
+        grad = finish(q, k, v, out, d_out)
+        dq, dk, dv = grad.grads
+        return (
+            None if dq is None else dq.to(q.dtype),
+            None if dk is None else dk.to(k.dtype),
+            None if dv is None else dv.to(v.dtype),
+            None, None, None,
+        )
 
 
 class _EagerLayerGrad(LayerGrad):
@@ -1117,8 +1188,8 @@ def _mask_heads(mask: Tensor | None, sl: slice, heads: int) -> Tensor | None:
 
 
 def _probabilities(q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> Tensor:
-    """``softmax(q kᵀ · scale + mask)`` as SDPA computes it (bool masks: False = -inf)."""
-    logits = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    """``softmax((q · scale) kᵀ + mask)`` as SDPA computes it (bool masks: False = -inf)."""
+    logits = torch.matmul(q * scale, k.transpose(-2, -1))
     if mask is not None:
         if mask.dtype == torch.bool:
             logits = logits.masked_fill(~mask, float("-inf"))
@@ -1221,8 +1292,22 @@ class AttentionGradStream:
             mask = keep if mask is None else (mask & keep if mask.dtype == torch.bool
                                               else mask.masked_fill(~keep, float("-inf")))
         if p == 0.0:
-            out = func(*args, **kwargs)
-            return self._tap(out, lambda g: _FusedLayerGrad(layer, q, k, v, scale, mask, g))
+            if not (q.requires_grad or k.requires_grad or v.requires_grad):
+                return func(*args, **kwargs)
+            if self._anchor is None:
+                self._anchor = torch.zeros((), requires_grad=True)
+            need = layer > self._first  # nothing below the lowest streamed layer is needed
+
+            def finish(q: Tensor, k: Tensor, v: Tensor, out: Tensor, d_out: Tensor) -> _FusedLayerGrad:
+                grad = _FusedLayerGrad(layer, q, k, v, out, scale, mask, d_out, need)
+                self._deliver(grad)
+                grad._finish()
+                return grad
+
+            result: Tensor = _FusedAttention.apply(
+                q, k, v, self._anchor, lambda: func(*args, **kwargs), finish
+            )
+            return result
         # dropout on the probabilities: materialise them, as the unfused kernel does
         attn = F.dropout(_probabilities(q, k, scale, mask).to(q.dtype), p=p, training=True)
         tapped = self._tap(attn, lambda g: _EagerLayerGrad(layer, attn, g))

@@ -546,6 +546,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="--speed: timed repeats per method")
     p.add_argument("--speed-batch", type=int, default=1, help="--speed: images per call")
     p.add_argument("--peers", default="all", help="--speed: comma-separated peers or 'all' / 'none'")
+    p.add_argument("--speed-model", default="deit_tiny", choices=("deit_tiny", "vit_b16"),
+                   help="--speed: the bundled DeiT-Tiny or a random-weight ViT-B/16")
+    p.add_argument("--occlusion", action="store_true",
+                   help="--speed: also pair patch occlusion with Captum's Occlusion / FeatureAblation")
+    p.add_argument("--memory", action="store_true",
+                   help="--speed: peak memory of GradientRollout and peers instead of time")
+    p.add_argument("--memory-models", default=None,
+                   help="--memory: comma-separated of vit_b16, vit_l14_518_d12, vit_l14_518_d24")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -617,10 +625,11 @@ def bench_main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.speed:
         out.mkdir(parents=True, exist_ok=True)
-        from ._speed import speed_benchmark
+        from ._speed import memory_benchmark, speed_benchmark
 
-        text = f"Command: `{command}`\n\n" + speed_benchmark(args)
-        stem = args.name or "speed_deit_tiny"
+        run = memory_benchmark if args.memory else speed_benchmark
+        text = f"Command: `{command}`\n\n" + run(args)
+        stem = args.name or ("memory_peers" if args.memory else f"speed_{args.speed_model}")
         (out / f"{stem}.md").write_text(text)
         print(text)
         return 0

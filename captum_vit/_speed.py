@@ -1,22 +1,33 @@
-"""Speed benchmark behind ``captum-vit bench --speed`` and ``benchmarks/bench_speed.py``.
+"""Speed and memory benchmark behind ``captum-vit bench --speed`` and
+``benchmarks/bench_peers.py`` (``benchmarks/bench_speed.py`` is the same command).
 
-Times every method of the registry (:mod:`captum_vit.registry`), Captum's own
-perturbation methods where they overlap (``Occlusion`` with patch-sized windows,
-``FeatureAblation`` with a patch feature mask) and installed peers (pytorch-grad-cam,
-torchxai-explain, daam-timm-vit; each skipped with the reason when it is missing or
-fails) on the bundled DeiT-Tiny, all in one run. Calls are interleaved round-robin
-over ``--repeats`` rounds (after one warm-up call each) and the median is kept, so
-that load from other processes affects every entry alike; the table reports ratios
-to a plain forward pass and, for peers, to the comparable captum_vit method. Where
-both produce a map, the Pearson correlation of the peer's map (pooled to the patch
-grid) with captum_vit's says whether they compute the same thing.
+Speed: every method of the registry (:mod:`captum_vit.registry`) is paired with a
+plain fused forward pass and with every installed peer that does the same job
+(torchxai-explain's AttentionRollout and TransformerAttribution, daam-timm-vit's
+DAAM, pytorch-grad-cam's GradCAM; Captum's ``Occlusion`` / ``FeatureAblation`` for
+patch occlusion with ``--occlusion``). Each round times the two members of every
+pair back to back (the order alternating between rounds, one warm-up round first),
+and the table reports the median over rounds of the *paired* ratio, with its
+interquartile range, so that load from other processes cancels out of the ratio.
+Models: the bundled DeiT-Tiny at batch 1 (``--speed-model deit_tiny``) or a ViT-B/16
+with random weights (``--speed-model vit_b16``, e.g. ``--speed-batch 8``).
+
+Memory (``--memory``): each entry runs once in a fresh process; its peak resident
+memory above the resident memory just before the call (``VmHWM`` reset through
+``/proc/self/clear_refs``; glibc's mmap threshold fixed so that freed tensors leave
+the process) is compared with a plain fused forward + backward pass (to the input).
+Peers that materialise every layer's attention run on ViT-B/16 only.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +38,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._capture import adapt
-from .models import load_default
 from .registry import METHODS, available_methods
 
 __all__: list[str] = []
@@ -56,21 +66,48 @@ def _corr(a: Tensor, b: Tensor) -> float:
     return float((x @ y).item() / den) if den > 0 else float("nan")
 
 
-def _bind(explain: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, t: Tensor, idx: Tensor) -> Callable[[], Tensor]:
-    return lambda: explain(x, t, idx)
-
-
 class _Entry:
-    def __init__(self, name: str, group: str, fn: Callable[[], Any], compare: str | None = None) -> None:
-        self.name, self.group, self.fn, self.compare = name, group, fn, compare
-        self.times: list[float] = []
+    def __init__(self, name: str, group: str, fn: Callable[[], Any], note: str = "") -> None:
+        self.name, self.group, self.fn, self.note = name, group, fn, note
         self.output: Any = None
         self.error: str | None = None
 
+    def run(self, device: str) -> float:
+        t0 = time.perf_counter()
+        out = self.fn()
+        if device != "cpu":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if self.output is None:
+            self.output = out
+        return dt
 
-def _peer_entries(model: nn.Module, x: Tensor, target: int, wanted: set[str] | None, skipped: list[str]) -> list[_Entry]:
-    """Entries for the pip-installable peers that import and run here."""
-    entries: list[_Entry] = []
+
+def _speed_model(name: str, batch: int, device: str) -> tuple[nn.Module, Tensor, str]:
+    """(model, inputs, description) of a speed configuration."""
+    if name == "deit_tiny":
+        from .models import load_default
+
+        model, transform, _ = load_default()
+        x = _chelsea(transform, batch)
+        desc = "bundled DeiT-Tiny (real weights)"
+    elif name == "vit_b16":
+        import timm
+
+        torch.manual_seed(0)
+        model = timm.create_model("vit_base_patch16_224", pretrained=False)
+        x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        desc = "timm vit_base_patch16_224 (random weights)"
+    else:
+        raise ValueError(f"--speed-model must be deit_tiny or vit_b16, got {name!r}")
+    return model.to(device).eval(), x.to(device), desc
+
+
+def _peer_entries(
+    model: nn.Module, x: Tensor, target: int, wanted: set[str] | None, skipped: list[str]
+) -> list[tuple[_Entry, list[str]]]:
+    """Peers that import and run here, each with the captum_vit methods it is paired with."""
+    entries: list[tuple[_Entry, list[str]]] = []
 
     def want(name: str) -> bool:
         return wanted is None or name in wanted
@@ -95,7 +132,8 @@ def _peer_entries(model: nn.Module, x: Tensor, target: int, wanted: set[str] | N
                 with GradCAM(model=model, target_layers=[blocks[-1].norm1], reshape_transform=reshape) as cam:
                     return cam(input_tensor=x, targets=targets)
 
-            entries.append(_Entry("grad-cam GradCAM (reshape_transform)", "peer", run_gradcam, "vit_gradcam"))
+            entries.append((_Entry("grad-cam GradCAM", "peer", run_gradcam,
+                                   "reshape_transform on blocks[-1].norm1"), ["vit_gradcam"]))
         except Exception as exc:
             skipped.append(f"grad-cam: {type(exc).__name__}: {exc}")
     if want("torchxai-explain"):
@@ -103,14 +141,18 @@ def _peer_entries(model: nn.Module, x: Tensor, target: int, wanted: set[str] | N
             from torchxai.methods.attention_rollout import AttentionRollout as TxRollout
             from torchxai.methods.transformer_attribution import TransformerAttribution
 
-            if x.shape[0] != 1:
-                raise ValueError("torchxai explains one image per call (batch 1 only)")
             roll = TxRollout(model, head_fusion="mean", discard_ratio=0.0)
             ta = TransformerAttribution(model)
-            entries.append(_Entry("torchxai AttentionRollout (mean, no discard)", "peer",
-                                  lambda: roll(x, target_class=target), "rollout_mean"))
-            entries.append(_Entry("torchxai TransformerAttribution", "peer",
-                                  lambda: ta(x, target_class=target), "grad_rollout_chefer"))
+            note = "" if x.shape[0] == 1 else (
+                f"one call on the batch of {x.shape[0]}: it computes every sample but returns "
+                "sample 0's map (its API explains one image per call)"
+            )
+            entries.append((_Entry("torchxai AttentionRollout", "peer",
+                                   lambda: roll(x, target_class=target), ("mean, no discard. " + note).strip()),
+                            ["rollout_mean"]))
+            entries.append((_Entry("torchxai TransformerAttribution", "peer",
+                                   lambda: ta(x, target_class=target), note),
+                            ["grad_rollout", "grad_rollout_chefer"]))
         except Exception as exc:
             skipped.append(f"torchxai-explain: {type(exc).__name__}: {exc}")
     if want("daam-timm-vit"):
@@ -122,22 +164,28 @@ def _peer_entries(model: nn.Module, x: Tensor, target: int, wanted: set[str] | N
                 with DAAM(model) as daam:
                     return daam(x, target=target).maps[:, -1]
 
-            entries.append(_Entry("daam-timm-vit DAAM", "peer", run_daam, "grad_rollout_chefer"))
+            entries.append((_Entry("daam-timm-vit DAAM", "peer", run_daam), ["grad_rollout_chefer"]))
         except Exception as exc:
             skipped.append(f"daam-timm-vit: {type(exc).__name__}: {exc}")
     return entries
 
 
-def speed_benchmark(args: argparse.Namespace) -> str:
-    """Run the speed benchmark; write ``<out>/<name>.csv``; return a Markdown report."""
-    from captum.attr import FeatureAblation, Occlusion
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        v = values[0] if values else float("nan")
+        return v, v, v
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], statistics.median(values), q[2]
 
+
+def speed_benchmark(args: argparse.Namespace) -> str:
+    """Run the paired speed benchmark; write ``<out>/<name>.csv``; return Markdown."""
+    from captum.attr import FeatureAblation, Occlusion
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, transform, _ = load_default()
-    model = model.to(args.device).eval()
-    x = _chelsea(transform, args.speed_batch).to(args.device)
+    model_name = getattr(args, "speed_model", "deit_tiny")
+    model, x, desc = _speed_model(model_name, args.speed_batch, args.device)
     with torch.no_grad():
         target = int(model(x[:1]).argmax())
     t = torch.full((x.shape[0],), target, dtype=torch.long, device=x.device)
@@ -145,111 +193,300 @@ def speed_benchmark(args: argparse.Namespace) -> str:
     adapter = adapt(model)
     grid = adapter.grid_size(x)
     ph, pw = adapter.patch_size
-
-    entries: list[_Entry] = []
+    occlusion = bool(getattr(args, "occlusion", False))
 
     def forward() -> Tensor:
         with torch.no_grad():
             return model(x)
 
-    entries.append(_Entry("forward", "baseline", forward))
-    names = args.methods.split(",") if args.methods else available_methods()
+    base = _Entry("forward (fused, no grad)", "baseline", forward)
+    ours: dict[str, _Entry] = {}
+    if args.methods:
+        names = args.methods.split(",")
+    else:
+        names = [n for n in available_methods() if n not in ("random", "attention_flow", "sift")]
+        if not occlusion:
+            names = [n for n in names if n != "patch_occlusion"]
     for n in names:
-        options: dict[str, Any] = {"occlusion_window": 1, "occlusion_replacement": "zero"}
+        options: dict[str, Any] = {"occlusion_window": 1, "occlusion_replacement": "zero",
+                                   "perturbations_per_eval": 16}
         explain = METHODS[n].build(model, adapter, options)
-        entries.append(_Entry(n, "captum_vit", _bind(explain, x, t, idx)))
-        if n == "patch_occlusion":
-            drop = METHODS[n].build(model, adapter, {"occlusion_window": 1, "occlusion_replacement": "drop"})
-            entries.append(_Entry("patch_occlusion (drop)", "captum_vit", _bind(drop, x, t, idx)))
-    occ = Occlusion(model)
-    fab = FeatureAblation(model)
-    patch_ids = torch.arange(grid[0] * grid[1], device=x.device).reshape(1, 1, *grid)
-    feature_mask = patch_ids.repeat_interleave(ph, 2).repeat_interleave(pw, 3)
-    compare_occ = "patch_occlusion" if "patch_occlusion" in names else None
+        ours[n] = _Entry(n, "captum_vit", _bind(explain, x, t, idx))
+    others: list[tuple[_Entry, list[str]]] = []
+    if occlusion and "patch_occlusion" in ours:
+        occ, fab = Occlusion(model), FeatureAblation(model)
+        patch_ids = torch.arange(grid[0] * grid[1], device=x.device).reshape(1, 1, *grid)
+        feature_mask = patch_ids.repeat_interleave(ph, 2).repeat_interleave(pw, 3)
 
-    def captum_occlusion() -> Tensor:
-        with torch.no_grad():
-            return occ.attribute(x, sliding_window_shapes=(3, ph, pw), strides=(3, ph, pw),
-                                 baselines=0.0, target=t, perturbations_per_eval=16)
+        def captum_occlusion() -> Tensor:
+            with torch.no_grad():
+                return occ.attribute(x, sliding_window_shapes=(3, ph, pw), strides=(3, ph, pw),
+                                     baselines=0.0, target=t, perturbations_per_eval=16)
 
-    def captum_ablation() -> Tensor:
-        with torch.no_grad():
-            return fab.attribute(x, baselines=0.0, target=t, feature_mask=feature_mask,
-                                 perturbations_per_eval=16)
+        def captum_ablation() -> Tensor:
+            with torch.no_grad():
+                return fab.attribute(x, baselines=0.0, target=t, feature_mask=feature_mask,
+                                     perturbations_per_eval=16)
 
-    entries.append(_Entry("captum Occlusion (16x16 windows)", "captum", captum_occlusion, compare_occ))
-    entries.append(_Entry("captum FeatureAblation (patch mask)", "captum", captum_ablation, compare_occ))
+        others.append((_Entry("captum Occlusion", "captum", captum_occlusion,
+                              "16x16-pixel windows, pixels set to 0, perturbations_per_eval=16"),
+                       ["patch_occlusion"]))
+        others.append((_Entry("captum FeatureAblation", "captum", captum_ablation,
+                              "patch feature mask, perturbations_per_eval=16"), ["patch_occlusion"]))
     skipped: list[str] = []
     if args.peers != "none":
         wanted = None if args.peers == "all" else set(args.peers.split(","))
-        entries += _peer_entries(model, x, target, wanted, skipped)
+        others += _peer_entries(model, x, target, wanted, skipped)
 
+    # pairs: (captum_vit method, the other entry); the forward pass pairs with every method
+    pairs: list[tuple[_Entry, _Entry]] = [(e, base) for e in ours.values()]
+    for other, matched in others:
+        pairs += [(ours[m], other) for m in matched if m in ours]
+    ratios: dict[tuple[str, str], list[float]] = {(a.name, b.name): [] for a, b in pairs}
+    seconds: dict[str, list[float]] = {}
+    load_before = os.getloadavg()[0]
     for rnd in range(args.repeats + 1):  # round 0 is the warm-up
-        for e in entries:
-            if e.error is not None:
+        for i, (a, b) in enumerate(pairs):
+            if a.error is not None or b.error is not None:
                 continue
-            try:
-                t0 = time.perf_counter()
-                out = e.fn()
-                if args.device != "cpu":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-            except Exception as exc:
-                e.error = f"{type(exc).__name__}: {exc}"
+            times: dict[str, float] = {}
+            for e in ((a, b) if (rnd + i) % 2 == 0 else (b, a)):
+                try:
+                    times[e.name] = e.run(args.device)
+                except Exception as exc:
+                    e.error = f"{type(exc).__name__}: {exc}"
+                    break
+            if rnd == 0 or len(times) < 2:
                 continue
-            if rnd == 0:
-                e.output = out
-            else:
-                e.times.append(dt)
+            ratios[(a.name, b.name)].append(times[b.name] / times[a.name])
+            for name, dt in times.items():
+                seconds.setdefault(name, []).append(dt)
+    load_after = os.getloadavg()[0]
 
-    by_name = {e.name: e for e in entries}
-    fwd = statistics.median(by_name["forward"].times)
     rows: list[dict[str, Any]] = []
-    for e in entries:
-        if e.error is not None:
-            skipped.append(f"{e.name}: {e.error}")
+    for a, b in pairs:
+        for e in (a, b):
+            if e.error is not None:
+                msg = f"{e.name}: {e.error}"
+                if msg not in skipped:
+                    skipped.append(msg)
+        vals = ratios[(a.name, b.name)]
+        if not vals:
             continue
-        sec = statistics.median(e.times)
-        row: dict[str, Any] = {"method": e.name, "group": e.group, "seconds": sec, "x_forward": sec / fwd,
-                               "compared_with": "", "x_captum_vit": float("nan"), "map_corr": float("nan")}
-        other = by_name.get(e.compare) if e.compare else None
-        if other is not None and other.error is None and other.times:
-            row["compared_with"] = other.name
-            row["x_captum_vit"] = sec / statistics.median(other.times)
+        lo, med, hi = _quartiles(vals)
+        corr = float("nan")
+        if b.group != "baseline":
             try:
-                row["map_corr"] = _corr(_to_grid(e.output, grid), _to_grid(other.output, grid))
+                corr = _corr(_to_grid(a.output, grid), _to_grid(b.output, grid))
             except Exception:
-                pass
-        rows.append(row)
+                corr = float("nan")
+        rows.append({
+            "method": a.name, "compared_with": b.name, "group": b.group,
+            "method_s": statistics.median(seconds[a.name]), "other_s": statistics.median(seconds[b.name]),
+            "ratio": med, "ratio_q1": lo, "ratio_q3": hi, "rounds": len(vals), "map_corr": corr,
+            "note": b.note,
+        })
 
     out = Path(args.out)
-    stem = args.name or "speed_deit_tiny"
-    cols = ["method", "group", "seconds", "x_forward", "compared_with", "x_captum_vit", "map_corr"]
+    stem = args.name or f"speed_{model_name}"
+    cols = ["method", "compared_with", "group", "method_s", "other_s", "ratio", "ratio_q1",
+            "ratio_q3", "rounds", "map_corr", "note"]
     with open(out / f"{stem}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         for r in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     lines = [
-        f"Speed of captum_vit methods vs Captum and peers: bundled DeiT-Tiny, batch "
-        f"{x.shape[0]}, {tuple(x.shape[-2:])} input, device {args.device}, "
-        f"{torch.get_num_threads()} threads, median of {args.repeats} interleaved rounds. "
-        "x_forward = time / plain forward; x_captum_vit = time / the compared captum_vit "
-        "method (>1: captum_vit is faster); map_corr = Pearson correlation of the two maps "
-        "on the patch grid. Absolute seconds depend on machine load; compare ratios.",
+        f"Paired speed of captum_vit methods: {desc}, batch {x.shape[0]}, "
+        f"{tuple(x.shape[-2:])} input, device {args.device}, {torch.get_num_threads()} torch "
+        f"thread(s) (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), "
+        f"{args.repeats} rounds after one warm-up round, 1-minute load average "
+        f"{load_before:.1f} before and {load_after:.1f} after.",
         "",
-        "| " + " | ".join(cols) + " |",
-        "|" + "---|" * len(cols),
+        "Each round times the method and the entry it is compared with back to back (order "
+        "alternating). `ratio` = median over rounds of (other's time / method's time), with "
+        "the interquartile range: for peers and Captum, **ratio > 1 means captum_vit is "
+        "faster**; against the forward pass it is forward / method (so 1 / ratio is the "
+        "method's cost in forward passes). Seconds are medians and depend on the load; "
+        "compare ratios. map_corr = Pearson correlation of the two maps on the patch grid.",
+        "",
+        "| method | compared with | method s | other s | ratio (other / method) | IQR | "
+        "cost in forwards | map_corr |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = []
-        for c in cols:
-            v = r[c]
-            if isinstance(v, float):
-                cells.append("–" if v != v else (f"{v:.4f}" if c == "seconds" else f"{v:.2f}"))
-            else:
-                cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + " |")
+        cost = f"{1.0 / r['ratio']:.3f}" if r["group"] == "baseline" else ""
+        corr = "–" if r["map_corr"] != r["map_corr"] else f"{r['map_corr']:.2f}"
+        lines.append(
+            f"| {r['method']} | {r['compared_with']} | {r['method_s']:.4f} | {r['other_s']:.4f} | "
+            f"{r['ratio']:.3f} | {r['ratio_q1']:.3f}–{r['ratio_q3']:.3f} | {cost} | {corr} |"
+        )
+    notes = [f"- {r['compared_with']}: {r['note']}" for r in rows if r["note"]]
+    if notes:
+        lines += ["", "Peers' settings:"] + sorted(set(notes))
+    if skipped:
+        lines += ["", "Not measured:"] + [f"- {s}" for s in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def _bind(explain: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, t: Tensor, idx: Tensor) -> Callable[[], Tensor]:
+    return lambda: explain(x, t, idx)
+
+
+# ---------------------------------------------------------------------------- memory
+#: (model label, timm name, depth, image size, batch) of the memory configurations
+_MEMORY_MODELS: dict[str, tuple[str, int | None, int, int]] = {
+    "vit_b16": ("vit_base_patch16_224", None, 224, 1),
+    "vit_l14_518_d12": ("vit_large_patch14_dinov2", 12, 518, 1),
+    "vit_l14_518_d24": ("vit_large_patch14_dinov2", 24, 518, 1),
+}
+_MEMORY_ENTRIES = ("forward_backward", "grad_rollout_chefer", "grad_rollout", "all_layers_at_once",
+                   "daam-timm-vit", "torchxai TransformerAttribution")
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _all_layers_at_once(model: nn.Module, x: Tensor, target: int) -> Tensor:
+    """The previous GradientRollout (Chefer): unfused capture of every layer, the
+    gradients of all of them at once, then the product from the first layer up."""
+    from .attr._rollout import chefer_update
+
+    adapter = adapt(model)
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        with adapter.capture(keep=True) as rec:
+            scores = adapter.forward(xg)
+        attns = rec.kept()
+        grads = torch.autograd.grad(scores[:, target].sum(), attns)
+    r: Tensor | None = None
+    for a, g in zip(attns, grads, strict=True):
+        r = chefer_update(r, a.detach(), g)
+    assert r is not None
+    return r
+
+
+def _memory_worker(spec: str) -> dict[str, Any]:
+    """Run one memory entry in this (fresh) process; return its figures."""
+    import timm
+
+    label, entry = spec.split(":", 1)
+    name, depth, size, batch = _MEMORY_MODELS[label]
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 1000, "img_size": size}
+    if depth is not None:
+        kwargs["depth"] = depth
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    x = torch.randn(batch, 3, size, size)
+    target = 1
+    if entry == "forward_backward":
+        def run() -> Any:
+            xg = x.detach().requires_grad_(True)
+            return torch.autograd.grad(model(xg)[:, target].sum(), xg)
+    elif entry in ("grad_rollout_chefer", "grad_rollout"):
+        from .attr import GradientRollout
+
+        gr = GradientRollout(model, variant="chefer" if entry.endswith("chefer") else "rollout")
+
+        def run() -> Any:
+            return gr.attribute(x, target=target, return_patch_grid=True)
+    elif entry == "all_layers_at_once":
+        def run() -> Any:
+            return _all_layers_at_once(model, x, target)
+    elif entry == "daam-timm-vit":
+        from daam import DAAM
+
+        def run() -> Any:
+            with DAAM(model) as daam:
+                return daam(x, target=target).maps[:, -1]
+    elif entry == "torchxai TransformerAttribution":
+        from torchxai.methods.transformer_attribution import TransformerAttribution
+
+        ta = TransformerAttribution(model)
+
+        def run() -> Any:
+            return ta(x, target_class=target)
+    else:
+        raise ValueError(f"unknown memory entry {entry!r}")
+    heads = int(model.blocks[0].attn.num_heads)  # type: ignore[union-attr,index]
+    tokens = int(model.patch_embed.num_patches) + int(model.num_prefix_tokens)  # type: ignore[union-attr,arg-type]
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset VmHWM to the current resident size
+    rss0 = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    out = run()
+    dt = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    del out
+    return {"model": label, "timm": name, "depth": len(model.blocks), "size": size,  # type: ignore[arg-type]
+            "batch": batch, "heads": heads, "tokens": tokens, "entry": entry,
+            "peak_mb": (peak - rss0) / 1024, "seconds": dt,
+            "attn_map_mb": batch * heads * tokens * tokens * 4 / 2**20}
+
+
+def memory_benchmark(args: argparse.Namespace) -> str:
+    """Peak memory of GradientRollout and peers vs a plain fused forward + backward."""
+    labels = (args.memory_models or "vit_b16,vit_l14_518_d12,vit_l14_518_d24").split(",")
+    env = dict(os.environ)
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"  # fixed threshold: freed tensors leave the process
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    results: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for label in labels:
+        entries = [e for e in _MEMORY_ENTRIES if label == "vit_b16" or e not in (
+            "daam-timm-vit", "torchxai TransformerAttribution")]
+        if label == "vit_l14_518_d24":  # the previous implementation needs ~8 GB there
+            entries = [e for e in entries if e != "all_layers_at_once"]
+        for entry in entries:
+            proc = subprocess.run(
+                [sys.executable, "-c", "import sys, json; from captum_vit._speed import _memory_worker; "
+                 "print('RESULT ' + json.dumps(_memory_worker(sys.argv[1])))", f"{label}:{entry}"],
+                capture_output=True, text=True, env=env, check=False,
+            )
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                skipped.append(f"{label} {entry}: {tail}")
+                continue
+            results.append(json.loads(line[0][len("RESULT "):]))
+    out = Path(args.out)
+    stem = args.name or "memory_peers"
+    cols = ["model", "timm", "depth", "size", "batch", "heads", "tokens", "entry", "peak_mb",
+            "excess_mb", "attn_map_mb", "seconds"]
+    base = {r["model"]: r["peak_mb"] for r in results if r["entry"] == "forward_backward"}
+    for r in results:
+        r["excess_mb"] = r["peak_mb"] - base[r["model"]] if r["model"] in base else float("nan")
+    with open(out / f"{stem}.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        for r in results:
+            w.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in cols})
+    lines = [
+        "Peak resident memory of one call above the resident memory just before it (model, "
+        "inputs and imports excluded), one fresh process per entry, CPU, batch "
+        f"{results[0]['batch'] if results else 1}, float32, random weights. "
+        "`forward_backward` = a plain forward pass with timm's fused attention and the "
+        "gradient of the target score w.r.t. the input; `excess` = peak - that baseline's "
+        "peak; `attn map` = one layer's attention probabilities (B x heads x N x N float32). "
+        "`all_layers_at_once` = the previous GradientRollout (unfused capture, every "
+        "layer's gradient at once).",
+        "",
+        "| model | depth | tokens | entry | peak MB | excess MB | excess / attn map | attn map MB | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = r["excess_mb"] / r["attn_map_mb"]
+        lines.append(
+            f"| {r['timm']} @ {r['size']} | {r['depth']} | {r['tokens']} | {r['entry']} | "
+            f"{r['peak_mb']:.0f} | {r['excess_mb']:.0f} | {ratio:.2f} | {r['attn_map_mb']:.0f} | "
+            f"{r['seconds']:.1f} |"
+        )
     if skipped:
         lines += ["", "Not measured:"] + [f"- {s}" for s in skipped]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,22 @@
+"""captum_vit against its peers, in one run: paired, interleaved timings and peak memory.
+
+Same as ``captum-vit bench --speed`` (see :mod:`captum_vit._speed` for the method).
+Install the peers first (``pip install -e .[bench]``: grad-cam, torchxai-explain,
+daam-timm-vit), in a virtual environment with ``--system-site-packages`` if the global
+one must not change. The tables in ``benchmarks/results`` were made with::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --threads 1 --repeats 15 \\
+        --speed-model deit_tiny --speed-batch 1 --occlusion --name peers_deit_tiny_b1
+    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --threads 1 --repeats 7 \\
+        --speed-model vit_b16 --speed-batch 8 --name peers_vit_b16_b8
+    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --threads 1 --memory --name memory_peers
+"""
+
+from __future__ import annotations
+
+import sys
+
+from captum_vit.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["bench", "--speed", *sys.argv[1:]]))
