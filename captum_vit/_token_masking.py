@@ -285,8 +285,21 @@ def masked_forward(
         >>> mask = captum_vit.masking.random_mask(4, 196, 0.3)
         >>> logits = masked_forward(adapter, images, mask, "drop")
     """
-    replacement = check_replacement(replacement)
     adapter.check_inputs(inputs)
+    return _masked_forward(adapter, inputs, mask, replacement, additional_forward_args)
+
+
+def _masked_forward(
+    adapter: ViTAdapter,
+    inputs: Tensor,
+    mask: Tensor | None,
+    replacement: str = "zero",
+    additional_forward_args: tuple[Any, ...] = (),
+) -> Tensor:
+    """:func:`masked_forward` for inputs the caller has checked with
+    :meth:`ViTAdapter.check_inputs` (callers that run many masked passes on one batch
+    validate it once)."""
+    replacement = check_replacement(replacement)
     args = tuple(additional_forward_args)
     if mask is None:
         return adapter.forward(inputs, *args)

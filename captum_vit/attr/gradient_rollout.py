@@ -43,7 +43,15 @@ class GradientRollout(GradientAttribution):
 
     The map is the query rows of ``R`` at the patch columns. One forward and one
     backward pass per batch; gradients flow only down to the first attention map
-    (no parameter gradients are computed). Works when called under
+    used (no parameter gradients are computed). The model keeps its fused attention
+    (``F.scaled_dot_product_attention``) in the forward pass; during the backward
+    pass each layer's probabilities are recomputed from its queries and keys, a few
+    heads at a time, together with ``G_l = dO_l · V_lᵀ`` from the gradient of the
+    attention output, used for the product and dropped: the product is multiplied
+    from the last layer down (the query row times ``I + Ā_l``, or times ``Ã_l``), so
+    the memory it adds to a plain backward pass does not grow with depth (see
+    :meth:`ViTAdapter.stream_attention_grads`). :meth:`relevance` keeps the full
+    ``(N, N)`` product instead of the query row. Works when called under
     ``torch.no_grad()``. ``y_target`` is the raw score (logit) of the target class.
 
     Args:

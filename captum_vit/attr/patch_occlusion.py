@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._capture import ViTAdapter, resolve_adapter
 from .._compat import log_usage
 from .._progress import progress
-from .._token_masking import check_replacement, masked_forward
+from .._token_masking import _masked_forward, check_replacement, masked_forward
 from .._utils import TargetType, _forward_args, _repeat_args, _resolve_target, _unpack_inputs
 from ._common import _format_output
 
@@ -210,7 +210,7 @@ class PatchOcclusion(PerturbationAttribution):
                     # perturbation-major layout, as Captum: [window 0 x all samples, ...]
                     mask = win_masks.repeat_interleave(batch, dim=0)
                     xs = x.repeat(k, 1, 1, 1) if k > 1 else x
-                    scores = masked_forward(
+                    scores = _masked_forward(  # x was checked by the unmasked pass
                         adapter, xs, mask, self.replacement, _repeat_args(args, batch, k)
                     )
                     picked = scores.gather(1, tgt.repeat(k)[:, None])[:, 0].float()
