@@ -1135,7 +1135,7 @@ class _FusedLayerGrad(LayerGrad):
             if len(parts) == 1:
                 self.grads = parts[0]
             else:
-                self.grads = tuple(torch.cat(p, dim=1) for p in zip(*parts))  # type: ignore[assignment]
+                self.grads = tuple(torch.cat(p, dim=1) for p in zip(*parts, strict=True))  # type: ignore[assignment]
 
 
 class _FusedAttention(torch.autograd.Function):

@@ -315,17 +315,17 @@ def speed_benchmark(args: argparse.Namespace) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cost = f"{1.0 / r['ratio']:.3f}" if r["group"] == "baseline" else ""
-        corr = "–" if r["map_corr"] != r["map_corr"] else f"{r['map_corr']:.2f}"
+        cost_cell = f"{1.0 / r['ratio']:.3f}" if r["group"] == "baseline" else ""
+        corr_cell = "–" if r["map_corr"] != r["map_corr"] else f"{r['map_corr']:.2f}"
         lines.append(
             f"| {r['method']} | {r['compared_with']} | {r['method_s']:.4f} | {r['other_s']:.4f} | "
-            f"{r['ratio']:.3f} | {r['ratio_q1']:.3f}–{r['ratio_q3']:.3f} | {cost} | {corr} |"
+            f"{r['ratio']:.3f} | {r['ratio_q1']:.3f}–{r['ratio_q3']:.3f} | {cost_cell} | {corr_cell} |"
         )
     notes = [f"- {r['compared_with']}: {r['note']}" for r in rows if r["note"]]
     if notes:
-        lines += ["", "Peers' settings:"] + sorted(set(notes))
+        lines += ["", "Peers' settings:", *sorted(set(notes))]
     if skipped:
-        lines += ["", "Not measured:"] + [f"- {s}" for s in skipped]
+        lines += ["", "Not measured:", *[f"- {s}" for s in skipped]]
     return "\n".join(lines) + "\n"
 
 
@@ -488,5 +488,5 @@ def memory_benchmark(args: argparse.Namespace) -> str:
             f"{r['seconds']:.1f} |"
         )
     if skipped:
-        lines += ["", "Not measured:"] + [f"- {s}" for s in skipped]
+        lines += ["", "Not measured:", *[f"- {s}" for s in skipped]]
     return "\n".join(lines) + "\n"
