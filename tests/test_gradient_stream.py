@@ -121,3 +121,67 @@ def test_training_mode_dropout_uses_materialised_attention() -> None:
     x = torch.randn(1, 3, 160, 160)
     out = GradientRollout(model).attribute(x, target=0, return_patch_grid=True)
     assert isinstance(out, Tensor) and torch.isfinite(out).all()
+
+
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    probs = logits.softmax(-1)
+    return probs @ v, probs
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "causal"])
+def test_fused_layer_backward_matches_explicit_attention(mask_kind: str) -> None:
+    """The fused layer's backward: P, G = dO·Vᵀ and the gradients of q, k, v equal
+    those of attention written out, with and without masks."""
+    from captum_vit._capture import AttentionGradStream
+
+    gen = torch.Generator().manual_seed(0)
+    b, h, n, d = 2, 3, 7, 4
+    q, k, v = (torch.randn(b, h, n, d, generator=gen, requires_grad=True) for _ in range(3))
+    w = torch.randn(b, h, n, d, generator=gen)
+    kwargs: dict[str, object] = {"scale": 0.3}
+    mask: Tensor | None = None
+    if mask_kind == "bool":
+        mask = torch.rand(b, 1, n, n, generator=gen) > 0.3
+        mask |= torch.eye(n, dtype=torch.bool)
+        kwargs["attn_mask"] = mask
+    elif mask_kind == "float":
+        mask = torch.randn(b, h, n, n, generator=gen)
+        kwargs["attn_mask"] = mask
+    elif mask_kind == "causal":
+        kwargs["is_causal"] = True
+        mask = torch.ones(n, n, dtype=torch.bool).tril()
+    got: list[tuple[Tensor, Tensor]] = []
+
+    def on_layer(grad: object) -> None:
+        got.extend((a.clone(), g.clone()) for a, g in grad.chunks(max_elements=b * n * n))  # type: ignore[attr-defined]
+
+    stream = AttentionGradStream(2, on_layer, first_layer=0, validate=True)
+    out = stream.sdpa(1, torch.nn.functional.scaled_dot_product_attention, (q, k, v), kwargs)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_out, ref_probs = _explicit_attention(q, k, v, 0.3, mask)
+    ref_grads = torch.autograd.grad((ref_out * w).sum(), (q, k, v))
+    assert len(got) == h  # one head per chunk at this budget
+    probs = torch.cat([a for a, _ in got], dim=1)
+    g = torch.cat([g for _, g in got], dim=1)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(probs, ref_probs.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, w @ v.detach().transpose(-2, -1), rtol=1e-5, atol=1e-6)
+    for a, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_stream_leaves_the_model_untouched() -> None:
+    from captum_vit._capture import _slots_in_use
+
+    model, size = make_model("timm_vit")
+    before = {n: type(getattr(m, "fused_attn", None)) for n, m in model.named_modules()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    GradientRollout(model).attribute(torch.randn(1, 3, size, size), target=0)
+    assert _slots_in_use() == 0
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert {n: type(getattr(m, "fused_attn", None)) for n, m in model.named_modules()} == before
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
+    assert all(p.grad is None for p in model.parameters())
