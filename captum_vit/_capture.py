@@ -546,6 +546,7 @@ class ViTAdapter:
         *,
         first_layer: int = 0,
         validate: bool = True,
+        materialize: bool = False,
     ) -> Iterator[AttentionGradStream]:
         """Deliver each layer's attention and its gradient during the backward pass.
 
@@ -573,6 +574,11 @@ class ViTAdapter:
             first_layer (int, optional): lowest layer delivered. Default: 0
             validate (bool, optional): check materialised probabilities (shape; row
                 sums for custom attention modules in eval mode). Default: True
+            materialize (bool, optional): switch timm's ``fused_attn`` off and Hugging
+                Face attention to eager for this thread, as :meth:`capture` does, so
+                that every layer materialises its probabilities (for attention
+                modules that neither call SDPA nor expose them otherwise, e.g. HF
+                flash attention). Default: False
 
         Yields:
             AttentionGradStream: call ``backward(score)`` on it after the forward.
@@ -586,6 +592,14 @@ class ViTAdapter:
         stream = AttentionGradStream(self.num_layers, on_layer, first_layer, validate)
         custom = self._capture_kind == "module_output"
         with contextlib.ExitStack() as stack:
+            if materialize and self._capture_kind == "timm":
+                for m in self._fused_flag_modules():
+                    if isinstance(getattr(m, "fused_attn", None), (bool, _ThreadFlag)):
+                        stack.enter_context(_thread_flag(m, "fused_attn", False))
+            elif materialize and self._capture_kind == "hf":
+                per_thread = _hf_has_eager(self.attention_modules)
+                for cfg in _hf_configs(self.attention_modules):
+                    stack.enter_context(_hf_thread_eager(cfg, per_thread=per_thread))
             for layer, module in enumerate(self.attention_modules):
                 if self._capture_kind == "torchvision":
                     stack.enter_context(
@@ -606,6 +620,10 @@ class ViTAdapter:
                     def hf_hook(m: nn.Module, _args: Any, out: Any, layer: int = layer) -> None:
                         if layer in stream.seen:  # already streamed through SDPA
                             return
+                        if not materialize and isinstance(out, (tuple, list)) and (
+                            len(out) < 2 or out[1] is None
+                        ):
+                            return  # neither SDPA nor weights: the caller reruns materialised
                         stream.watch(layer, _second_if_tuple(out, layer), check_rows=False)
 
                     stack.enter_context(_thread_forward_hook(module, hf_hook, channel="stream"))

@@ -185,3 +185,25 @@ def test_stream_leaves_the_model_untouched() -> None:
     assert {n: type(getattr(m, "fused_attn", None)) for n, m in model.named_modules()} == before
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_attention_without_sdpa_or_weights_runs_unfused() -> None:
+    """A Hugging Face attention implementation that neither calls SDPA nor returns
+    its weights: GradientRollout reruns with eager attention and gives the same map."""
+    from transformers import AttentionInterface
+
+    def opaque(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: object,
+               scaling: float = 1.0, **kwargs: object) -> tuple[Tensor, None]:
+        out = ((query * scaling) @ key.transpose(-2, -1)).softmax(-1) @ value  # no SDPA call
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("captum_vit_test_opaque", opaque)
+    model, size = make_model("hf_vit")
+    x = torch.randn(2, 3, size, size)
+    want = _reference(model, x, 1, variant="chefer")
+    model.set_attn_implementation("captum_vit_test_opaque")
+    try:
+        got = GradientRollout(model).attribute(x, target=1, return_patch_grid=True)
+    finally:
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

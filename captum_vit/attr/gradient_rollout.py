@@ -148,34 +148,40 @@ class GradientRollout(GradientAttribution):
             fused = fuse_grad_weighted(grad, "mean" if chefer else self.head_fusion)
             product.push(grad.layer, fused if chefer else state["rollout"].fused_matrix(fused))
 
-        with torch.enable_grad(), adapter.stream_attention_grads(
-            on_layer, first_layer=self.start_layer
-        ) as stream:
-            # Inputs that require grad keep every attention map on the autograd path
-            # even when the model's parameters are frozen.
-            xg = x.detach().requires_grad_(True)
-            scores = adapter.forward(xg, *_forward_args(additional_forward_args))
-            missing = [i for i in range(adapter.num_layers) if i not in stream.seen]
-            if stream.num_tokens is None or missing:
-                raise RuntimeError(
-                    f"no attention was captured for layer(s) {missing}: the forward pass did "
-                    "not run those attention modules (are they part of the model's forward?)"
-                )
-            layout = adapter.layout(x, stream.num_tokens)
-            t = _resolve_target(target, scores)
-            n, batch = layout.num_tokens, int(x.shape[0])
-            if not chefer:
-                state["rollout"] = RolloutProduct(
-                    self.head_fusion, self.discard_ratio, self.residual_weight,
-                    _query_indices(adapter, layout, x.device),
-                )
-            if full:
-                product.start(torch.eye(n, device=x.device).expand(batch, n, n))
-            else:
-                w = adapter.query_weights(layout, device=x.device)
-                product.start(w.expand(batch, 1, n))
-            score = scores.gather(1, t[:, None]).sum()
-            stream.backward(score)
+        args = _forward_args(additional_forward_args)
+        for materialize in (False, True):
+            with torch.enable_grad(), adapter.stream_attention_grads(
+                on_layer, first_layer=self.start_layer, materialize=materialize
+            ) as stream:
+                # Inputs that require grad keep every attention map on the autograd
+                # path even when the model's parameters are frozen.
+                xg = x.detach().requires_grad_(True)
+                scores = adapter.forward(xg, *args)
+                missing = [i for i in range(adapter.num_layers) if i not in stream.seen]
+                if missing and not materialize:
+                    continue  # attention that neither calls SDPA nor exposes it: run unfused
+                if stream.num_tokens is None or missing:
+                    raise RuntimeError(
+                        f"no attention was captured for layer(s) {missing}: the forward pass "
+                        "did not run those attention modules (are they part of the model's "
+                        "forward?)"
+                    )
+                layout = adapter.layout(x, stream.num_tokens)
+                t = _resolve_target(target, scores)
+                n, batch = layout.num_tokens, int(x.shape[0])
+                if not chefer:
+                    state["rollout"] = RolloutProduct(
+                        self.head_fusion, self.discard_ratio, self.residual_weight,
+                        _query_indices(adapter, layout, x.device),
+                    )
+                if full:
+                    product.start(torch.eye(n, device=x.device).expand(batch, n, n))
+                else:
+                    w = adapter.query_weights(layout, device=x.device)
+                    product.start(w.expand(batch, 1, n))
+                score = scores.gather(1, t[:, None]).sum()
+                stream.backward(score)
+            break
 
         def no_gradient(_layer: int) -> Tensor | None:
             if chefer:
