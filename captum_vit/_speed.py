@@ -199,7 +199,13 @@ def speed_benchmark(args: argparse.Namespace) -> str:
         with torch.no_grad():
             return model(x)
 
+    def forward_backward() -> Tensor:
+        xg = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(xg).gather(1, t[:, None]).sum(), xg)
+        return grad
+
     base = _Entry("forward (fused, no grad)", "baseline", forward)
+    base_fb = _Entry("forward+backward (fused, grad to input)", "baseline", forward_backward)
     ours: dict[str, _Entry] = {}
     if args.methods:
         names = args.methods.split(",")
@@ -240,6 +246,7 @@ def speed_benchmark(args: argparse.Namespace) -> str:
 
     # pairs: (captum_vit method, the other entry); the forward pass pairs with every method
     pairs: list[tuple[_Entry, _Entry]] = [(e, base) for e in ours.values()]
+    pairs += [(ours[n], base_fb) for n in ("grad_rollout_chefer", "grad_rollout", "vit_gradcam") if n in ours]
     for other, matched in others:
         pairs += [(ours[m], other) for m in matched if m in ours]
     ratios: dict[tuple[str, str], list[float]] = {(a.name, b.name): [] for a, b in pairs}
@@ -309,12 +316,13 @@ def speed_benchmark(args: argparse.Namespace) -> str:
         "Each round times the method and the entry it is compared with back to back (order "
         "alternating). `ratio` = median over rounds of (other's time / method's time), with "
         "the interquartile range: for peers and Captum, **ratio > 1 means captum_vit is "
-        "faster**; against the forward pass it is forward / method (so 1 / ratio is the "
-        "method's cost in forward passes). Seconds are medians and depend on the load; "
+        "faster**; against a baseline it is baseline / method (so 1 / ratio is the "
+        "method's cost in plain forward passes, or in plain forward + backward passes for "
+        "the gradient methods' second baseline row). Seconds are medians and depend on the load; "
         "compare ratios. map_corr = Pearson correlation of the two maps on the patch grid.",
         "",
         "| method | compared with | method s | other s | ratio (other / method) | IQR | "
-        "cost in forwards | map_corr |",
+        "cost in baselines | map_corr |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -358,8 +366,6 @@ def _status_kb(key: str) -> int:
 def _all_layers_at_once(model: nn.Module, x: Tensor, target: int) -> Tensor:
     """The previous GradientRollout (Chefer): unfused capture of every layer, the
     gradients of all of them at once, then the product from the first layer up."""
-    from .attr._rollout import chefer_update
-
     adapter = adapt(model)
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
@@ -367,10 +373,10 @@ def _all_layers_at_once(model: nn.Module, x: Tensor, target: int) -> Tensor:
             scores = adapter.forward(xg)
         attns = rec.kept()
         grads = torch.autograd.grad(scores[:, target].sum(), attns)
-    r: Tensor | None = None
+    n = attns[0].shape[-1]
+    r = torch.eye(n).expand(x.shape[0], n, n)
     for a, g in zip(attns, grads, strict=True):
-        r = chefer_update(r, a.detach(), g)
-    assert r is not None
+        r = r + torch.bmm((g.float() * a.detach().float()).clamp(min=0).mean(dim=1), r)
     return r
 
 
