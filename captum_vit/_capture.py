@@ -22,6 +22,11 @@ opened it; its changes to the model are shared and reference-counted, so many th
 may capture the same model at once, and the last one to leave removes every hook and
 restores every flag, also when the forward pass raises (see the section
 "thread-dispatched patches" below for the mechanism other methods reuse).
+
+:meth:`ViTAdapter.stream_attention_grads` serves methods that need each layer's
+attention *and its gradient* (GradientRollout): the model keeps its fused attention,
+and each layer's probabilities and gradient are handed over one layer at a time during
+the backward pass (section "streamed attention gradients").
 """
 
 from __future__ import annotations
@@ -490,8 +495,8 @@ class ViTAdapter:
                     if isinstance(getattr(m, "fused_attn", None), (bool, _ThreadFlag)):
                         stack.enter_context(_thread_flag(m, "fused_attn", False))
             elif self._capture_kind == "hf":
-                per_thread = _hf_has_eager(self.attention_modules)
-                for cfg in _hf_configs(self.attention_modules):
+                per_thread, configs = self._hf_switch()
+                for cfg in configs:
                     stack.enter_context(_hf_thread_eager(cfg, per_thread=per_thread))
             for layer, module in enumerate(self.attention_modules):
                 stack.enter_context(self._hook_layer(layer, module, recorder))
@@ -506,6 +511,13 @@ class ViTAdapter:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
+
+    def _hf_switch(self) -> tuple[bool, list[Any]]:
+        """(whether HF eager attention can be dispatched per thread, the configs) (cached)."""
+        return self._cached(  # type: ignore[no-any-return]
+            "hf_switch",
+            lambda: (_hf_has_eager(self.attention_modules), _hf_configs(self.attention_modules)),
+        )
 
     def _fused_flag_modules(self) -> list[nn.Module]:
         """The modules of a timm model that have a ``fused_attn`` attribute (cached)."""
@@ -597,8 +609,8 @@ class ViTAdapter:
                     if isinstance(getattr(m, "fused_attn", None), (bool, _ThreadFlag)):
                         stack.enter_context(_thread_flag(m, "fused_attn", False))
             elif materialize and self._capture_kind == "hf":
-                per_thread = _hf_has_eager(self.attention_modules)
-                for cfg in _hf_configs(self.attention_modules):
+                per_thread, configs = self._hf_switch()
+                for cfg in configs:
                     stack.enter_context(_hf_thread_eager(cfg, per_thread=per_thread))
             for layer, module in enumerate(self.attention_modules):
                 if self._capture_kind == "torchvision":
