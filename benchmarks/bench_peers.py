@@ -10,7 +10,7 @@ one must not change. The tables in ``benchmarks/results`` were made with::
     OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --threads 1 --repeats 3 \\
         --speed-model deit_tiny --methods patch_occlusion --occlusion --peers none \\
         --name speed_deit_tiny_occlusion
-    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --threads 1 --repeats 5 \\
+    OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --threads 1 --repeats 4 \\
         --speed-model vit_b16 --speed-batch 8 --name speed_vit_b16_b8 \\
         --methods rollout_mean,grad_rollout_chefer,grad_rollout,vit_gradcam
     OMP_NUM_THREADS=1 python benchmarks/bench_peers.py --threads 1 --memory --name memory_peers
