@@ -995,6 +995,30 @@ def _hf_has_eager(attention_modules: Sequence[nn.Module]) -> bool:
     )
 
 
+def _check_self_attention_call(
+    layer: int,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+) -> None:
+    """Refuse an ``nn.MultiheadAttention`` call that is not unmasked self-attention."""
+    if key_padding_mask is not None or attn_mask is not None or is_causal:
+        raise UnsupportedModelError(
+            f"nn.MultiheadAttention of layer {layer} is called with an attention mask; "
+            "captum_vit captures unmasked self-attention only"
+        )
+    if not (_same_tensor(key, query) and _same_tensor(value, query)):
+        raise UnsupportedModelError(
+            f"nn.MultiheadAttention of layer {layer} is called as cross-attention (its "
+            "key or value is not its query): attention rollout and the other "
+            "attention-based methods need self-attention over the image tokens, so "
+            "captum_vit refuses to explain it"
+        )
+
+
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
     return a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b)))
 
@@ -1030,18 +1054,7 @@ def _torchvision_mha_patch(
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise UnsupportedModelError(
-                f"nn.MultiheadAttention of layer {layer} is called with an attention mask; "
-                "captum_vit captures unmasked self-attention only"
-            )
-        if not (_same_tensor(key, query) and _same_tensor(value, query)):
-            raise UnsupportedModelError(
-                f"nn.MultiheadAttention of layer {layer} is called as cross-attention (its "
-                "key or value is not its query): attention rollout and the other "
-                "attention-based methods need self-attention over the image tokens, so "
-                "captum_vit refuses to explain it"
-            )
+        _check_self_attention_call(layer, query, key, value, key_padding_mask, attn_mask, is_causal)
         x = query if mha.batch_first else query.transpose(0, 1)
         b, n, d = x.shape
         h = mha.num_heads
@@ -1412,16 +1425,7 @@ def _torchvision_sdpa_forward(
         need_weights: bool = True, attn_mask: Tensor | None = None,
         average_attn_weights: bool = True, is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise UnsupportedModelError(
-                f"nn.MultiheadAttention of layer {layer} is called with an attention mask; "
-                "captum_vit captures unmasked self-attention only"
-            )
-        if not (_same_tensor(key, query) and _same_tensor(value, query)):
-            raise UnsupportedModelError(
-                f"nn.MultiheadAttention of layer {layer} is called as cross-attention (its "
-                "key or value is not its query): captum_vit explains self-attention only"
-            )
+        _check_self_attention_call(layer, query, key, value, key_padding_mask, attn_mask, is_causal)
         x = query if mha.batch_first else query.transpose(0, 1)
         b, n, d = x.shape
         h = mha.num_heads
