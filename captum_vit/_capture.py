@@ -995,6 +995,16 @@ def _hf_has_eager(attention_modules: Sequence[nn.Module]) -> bool:
     )
 
 
+def _check_packed_mha(mha: nn.MultiheadAttention) -> None:
+    """Refuse an ``nn.MultiheadAttention`` whose forward captum_vit cannot write out."""
+    if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
+        raise UnsupportedModelError(
+            "captum_vit captures nn.MultiheadAttention with a packed in-projection "
+            "(kdim == vdim == embed_dim), no bias_k/bias_v and add_zero_attn=False only; "
+            "pass attention_modules= pointing at modules that output the probabilities"
+        )
+
+
 def _check_self_attention_call(
     layer: int,
     query: Tensor,
@@ -1037,12 +1047,7 @@ def _torchvision_mha_patch(
     need self-attention over the image tokens.
     """
     assert isinstance(mha, nn.MultiheadAttention)
-    if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
-        raise UnsupportedModelError(
-            "captum_vit captures nn.MultiheadAttention with a packed in-projection "
-            "(kdim == vdim == embed_dim), no bias_k/bias_v and add_zero_attn=False only; "
-            "pass attention_modules= pointing at modules that output the probabilities"
-        )
+    _check_packed_mha(mha)
 
     def forward(
         query: Tensor,
@@ -1413,12 +1418,7 @@ def _torchvision_sdpa_forward(
 ) -> Callable[..., Any]:
     """An ``nn.MultiheadAttention`` forward through SDPA, its call routed to ``stream``."""
     assert isinstance(mha, nn.MultiheadAttention)
-    if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
-        raise UnsupportedModelError(
-            "captum_vit captures nn.MultiheadAttention with a packed in-projection "
-            "(kdim == vdim == embed_dim), no bias_k/bias_v and add_zero_attn=False only; "
-            "pass attention_modules= pointing at modules that output the probabilities"
-        )
+    _check_packed_mha(mha)
 
     def forward(
         query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
