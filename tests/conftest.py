@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -196,3 +196,12 @@ def chelsea_batch(real_deit: nn.Module) -> torch.Tensor:
     cfg = timm.data.resolve_data_config({}, model=real_deit)
     transform = timm.data.create_transform(**cfg)
     return transform(Image.fromarray(data.chelsea())).unsqueeze(0)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (tiny models run fastest so on a shared, loaded machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +26,7 @@ from captum_vit.evaluation import EvalDataset, EvaluationTable, collate, evaluat
 _METHODS = ["rollout_mean", "grad_rollout_chefer", "random"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _image(path: Path, seed: int, size: tuple[int, int] = (120, 100)) -> None:

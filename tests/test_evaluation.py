@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,7 @@ _FAMILY = "timm_deit_distilled"  # 64x64 inputs, 4x4 grid, 2 prefix tokens, 7 cl
 _FAST = ["rollout_mean", "grad_rollout_chefer", "random"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dataset(size: int, n_batches: int = 3, batch: int = 3) -> list[dict[str, Tensor]]:
