@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ from captum_vit.metrics import DEFAULT_FRACTIONS, perturbation_curve, removal_ma
 IMAGES = ROOT.parent / "shared" / "assets" / "imagenet-sample"
 RESULTS = ROOT / "benchmarks" / "results"
 HOLDOUT_EVERY = 10
+PREVIOUS_DEFAULT = "cp_g0.1_0.05"
 BATCH = 10
 
 #: Rule sets compared on the held-out images (name -> rules for AttnLRP).
@@ -53,6 +55,14 @@ TUNING: dict[str, dict[str, Any]] = {
     "cp_g0.1_0.05": {"attention": "cp", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.05), "head": ("gamma", 0.05)},
     "cp_g1.0_0.05": {"attention": "cp", "patch_embed": ("gamma", 1.0), "mlp": ("gamma", 0.05), "head": ("gamma", 0.05)},
     "attnlrp_g0.25_0.05": {"attention": "attnlrp", "patch_embed": ("gamma", 0.25), "mlp": ("gamma", 0.05), "head": ("gamma", 0.05)},
+    # Gamma also on the attention projections (qkv, output): every Linear gets the rule,
+    # as in lxt's ViT example / the AttnLRP paper's recipe (lxt's torchvision ViT never
+    # calls those modules, so there they stay LRP-0).
+    "cp_g0.1_0.05_attn0.05": {"attention": "cp", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.05), "head": ("gamma", 0.05), "attn_proj": ("gamma", 0.05)},
+    "cp_g0.1_0.05_attn0.25": {"attention": "cp", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.05), "head": ("gamma", 0.05), "attn_proj": ("gamma", 0.25)},
+    "cp_g0.1_0.1": {"attention": "cp", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.1), "head": ("gamma", 0.1)},
+    "cp_g0.1_0.25": {"attention": "cp", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.25), "head": ("gamma", 0.25)},
+    "cp_g0.1_0.05_headeps": {"attention": "cp", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.05), "head": "epsilon"},
 }
 
 
@@ -93,36 +103,69 @@ def pixel_zero_auc(
     return trapezoid_auc(torch.stack(curve, 1), DEFAULT_FRACTIONS)
 
 
-def _explainers(model: nn.Module, split: str) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+def pixel_black_auc(
+    model: nn.Module, x: Tensor, grid: Tensor, labels: Tensor, order: str, patch: int, clean: Tensor,
+    black: Tensor,
+) -> Tensor:
+    """Chefer et al.'s code exactly (``pertubation_eval_from_hdf5.py``): the patch map is
+    upsampled bilinearly to the input size, single *pixels* are ranked, and removed
+    pixels are set to 0 in the unnormalised [0, 1] image, i.e. to ``black`` = -mean / std
+    in the normalised input."""
+    scores = F.interpolate(grid.float(), scale_factor=patch, mode="bilinear").reshape(grid.shape[0], -1)
+    masks = removal_masks(scores, DEFAULT_FRACTIONS, order)  # (F, B, H*W)
+    curve = []
+    with torch.no_grad():
+        for m in masks:
+            if not m.any():
+                curve.append((clean == labels).float())
+                continue
+            pix = m.reshape(x.shape[0], 1, *x.shape[-2:])
+            xs = torch.where(pix, black.view(1, -1, 1, 1), x)
+            curve.append((model(xs).argmax(1) == labels).float())
+    return trapezoid_auc(torch.stack(curve, 1), DEFAULT_FRACTIONS)
+
+
+def _explainers(
+    model: nn.Module, split: str, methods: Sequence[str] | None = None
+) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
     def grid_of(m: Any) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda x, t: m.attribute(x, target=t, return_patch_grid=True)
 
+    makers: dict[str, Callable[[], Callable[[Tensor, Tensor], Tensor]]] = {}
     if split == "tune":
-        out = {k: grid_of(AttnLRP(model, rules=v)) for k, v in TUNING.items()}
+        makers.update({k: (lambda v=v: grid_of(AttnLRP(model, rules=v))) for k, v in TUNING.items()})
     else:
-        out = {"attn_lrp": grid_of(AttnLRP(model))}
-    out["chefer"] = grid_of(GradientRollout(model, variant="chefer"))
+        makers["attn_lrp"] = lambda: grid_of(AttnLRP(model))
+    makers["chefer"] = lambda: grid_of(GradientRollout(model, variant="chefer"))
     if split != "tune":
-        out["rollout"] = lambda x, t: AttentionRollout(model).attribute(x, return_patch_grid=True)
-    return out
+        makers["rollout"] = lambda: lambda x, t: AttentionRollout(model).attribute(x, return_patch_grid=True)
+    names = list(makers) if methods is None else list(methods)
+    unknown = [n for n in names if n not in makers]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown} for {split}; choose from {list(makers)}")
+    return {n: makers[n]() for n in names}
 
 
-FIELDS = ["index", "file", "label", "pred", "method", "seconds", "pix_pos", "pix_neg", "tok_pos", "tok_neg"]
+FIELDS = ["index", "file", "label", "pred", "method", "seconds", "pix_pos", "pix_neg", "tok_pos", "tok_neg",
+          "blk_pos", "blk_neg"]
+TESTS = (("pix", "pixel-zero"), ("tok", "token-zero"), ("blk", "Chefer-code"))
 
 
 def _part(split: str, rank: int) -> Path:
     return RESULTS / f"lrp_{split}.part{rank}.csv"
 
 
-def _worker(args: tuple[str, int, list[tuple[int, str, int]]]) -> list[dict[str, Any]]:
+def _worker(args: tuple[str, int, list[tuple[int, str, int]], list[str] | None]) -> list[dict[str, Any]]:
     """Rows of one process; appended to its part file after every batch (a stopped
     run leaves complete batches of a random subset: the items are shuffled)."""
-    split, rank, items = args
+    split, rank, items, methods = args
     torch.set_num_threads(1)
     from captum_vit.models import load_default
 
     model, transform, _ = load_default()
-    explainers = _explainers(model, split)
+    mean, std = (torch.tensor(getattr(transform, k)) for k in ("mean", "std"))
+    black = -mean / std
+    explainers = _explainers(model, split, methods)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(items), BATCH):
         chunk = items[start : start + BATCH]
@@ -139,6 +182,8 @@ def _worker(args: tuple[str, int, list[tuple[int, str, int]]]) -> list[dict[str,
                 "pix_neg": pixel_zero_auc(model, x, grid, labels, "negative", 16, pred),
                 "tok_pos": perturbation_curve(model, x, grid, pred, order="positive", labels=labels)[1],
                 "tok_neg": perturbation_curve(model, x, grid, pred, order="negative", labels=labels)[1],
+                "blk_pos": pixel_black_auc(model, x, grid, labels, "positive", 16, pred, black),
+                "blk_neg": pixel_black_auc(model, x, grid, labels, "negative", 16, pred, black),
             }
             for j, (idx, file, label) in enumerate(chunk):
                 rows.append(
@@ -164,25 +209,29 @@ def _bootstrap(diff: Sequence[float], reps: int = 2000, seed: int = 0) -> tuple[
     return float(means.quantile(0.025)), float(means.quantile(0.975))
 
 
-def _summary(rows: list[dict[str, Any]], split: str, seconds: float) -> str:
+def _summary(rows: list[dict[str, Any]], split: str, seconds: float, command: str) -> str:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by = {m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["index"]) for m in methods}
     n = len(by[methods[0]])
+    head = " | ".join(f"{name} gap | Δ vs Chefer [95% CI]" for _, name in TESTS)
     lines = [
         f"# AttnLRP on DeiT-Tiny ({'held-out' if split == 'tune' else 'reported'} split: {n} ImageNet images)",
         "",
         "Negative-minus-positive AUC of top-1 accuracy (fractions 0..0.9, max 0.9), explaining the "
-        "predicted class; Δ = method − Chefer, paired bootstrap 95% CI over images (2000 resamples).",
-        f"Command: `OMP_NUM_THREADS=1 python benchmarks/bench_lrp.py {split} --nproc 2` ({seconds:.0f} s).",
+        "predicted class; Δ = method − Chefer, paired bootstrap 95% CI over images (2000 resamples). "
+        "pixel-zero: pixels of the removed patches set to 0 in the normalised input (the issue's test); "
+        "token-zero: patch embeddings set to 0; Chefer-code: Chefer et al.'s script exactly "
+        "(bilinearly upsampled map, single pixels removed, set to 0 before normalisation = black).",
+        f"Command: `{command}` ({seconds:.0f} s).",
         "",
-        "| method | pixel-zero gap | Δ vs Chefer [95% CI] | token-zero gap | Δ vs Chefer [95% CI] | pix pos / neg | tok pos / neg | s / image |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | {head} | pix pos / neg | tok pos / neg | s / image |",
+        "|---|" + "---|---|" * len(TESTS) + "---|---|---|",
     ]
     ref = by["chefer"]
     for m in methods:
         rs = by[m]
         cells = []
-        for test in ("pix", "tok"):
+        for test, _ in TESTS:
             gap = [r[f"{test}_neg"] - r[f"{test}_pos"] for r in rs]
             ref_gap = [r[f"{test}_neg"] - r[f"{test}_pos"] for r in ref]
             diff = [a - b for a, b in zip(gap, ref_gap, strict=True)]
@@ -194,11 +243,35 @@ def _summary(rows: list[dict[str, Any]], split: str, seconds: float) -> str:
             for t in ("pix", "tok")
         ]
         secs = statistics.fmean(r["seconds"] for r in rs)
-        lines.append(f"| {m} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {pos_neg[0]} | {pos_neg[1]} | {secs:.3f} |")
+        lines.append(f"| {m} | {' | '.join(cells)} | {pos_neg[0]} | {pos_neg[1]} | {secs:.3f} |")
     return "\n".join(lines) + "\n"
 
 
-def run_split(split: str, nproc: int, limit: int | None) -> None:
+def paired(rows: list[dict[str, Any]], ref: str) -> str:
+    """Each method minus ``ref`` (paired over images) on every test: the tuning's own
+    comparison against the current default."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in (ref, "chefer")]
+    by = {m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["index"]) for m in [ref, *methods]}
+    lines = [
+        f"Paired difference to `{ref}` (the default before this tuning), 95% bootstrap CI:",
+        "",
+        "| method | " + " | ".join(f"Δ {name}" for _, name in TESTS) + " |",
+        "|---|" + "---|" * len(TESTS),
+    ]
+    for m in methods:
+        cells = []
+        for test, _ in TESTS:
+            d = [
+                (a[f"{test}_neg"] - a[f"{test}_pos"]) - (b[f"{test}_neg"] - b[f"{test}_pos"])
+                for a, b in zip(by[m], by[ref], strict=True)
+            ]
+            lo, hi = _bootstrap(d)
+            cells.append(f"{statistics.fmean(d):+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        lines.append(f"| {m} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_split(split: str, nproc: int, limit: int | None, methods: list[str] | None, command: str) -> None:
     items = _items(split)
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
     items = [items[i] for i in order][:limit]
@@ -208,14 +281,14 @@ def run_split(split: str, nproc: int, limit: int | None) -> None:
         _part(split, rank).unlink(missing_ok=True)
     t0 = time.perf_counter()
     if nproc == 1:
-        _worker((split, 0, chunks[0]))
+        _worker((split, 0, chunks[0], methods))
     else:
         with mp.get_context("spawn").Pool(nproc) as pool:
-            pool.map(_worker, [(split, r, c) for r, c in enumerate(chunks)])
-    write_summary(split, time.perf_counter() - t0)
+            pool.map(_worker, [(split, r, c, methods) for r, c in enumerate(chunks)])
+    write_summary(split, time.perf_counter() - t0, command)
 
 
-def write_summary(split: str, seconds: float) -> None:
+def write_summary(split: str, seconds: float, command: str) -> None:
     """Merge the part files into ``lrp_<tuning|eval>.csv`` and write the Markdown table
     (images with rows for every method only)."""
     rows: list[dict[str, Any]] = []
@@ -236,7 +309,9 @@ def write_summary(split: str, seconds: float) -> None:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(sorted(rows, key=lambda r: (r["method"], r["index"])))
-    text = _summary(rows, split, seconds)
+    text = _summary(rows, split, seconds, command)
+    if split == "tune" and PREVIOUS_DEFAULT in {r["method"] for r in rows}:
+        text += "\n" + paired(rows, PREVIOUS_DEFAULT)
     (RESULTS / f"{name}.md").write_text(text)
     for part in RESULTS.glob(f"lrp_{split}.part*.csv"):
         part.unlink()
@@ -304,15 +379,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--limit", type=int, default=None, help="first N images of the split (smoke runs)")
     p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--methods", default=None, help="comma-separated subset of the split's methods")
     a = p.parse_args(argv)
+    methods = None if a.methods is None else [m.strip() for m in a.methods.split(",") if m.strip()]
+    command = "OMP_NUM_THREADS=1 python benchmarks/bench_lrp.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.what == "speed":
         speed(a.repeats)
     elif a.what.startswith("summary-"):
-        write_summary(a.what.split("-")[1], float("nan"))
+        write_summary(a.what.split("-")[1], float("nan"), command)
     else:
         if not math.isfinite(a.nproc) or a.nproc < 1:
             p.error("--nproc must be >= 1")
-        run_split(a.what, a.nproc, a.limit)
+        run_split(a.what, a.nproc, a.limit, methods, command)
     return 0
 
 

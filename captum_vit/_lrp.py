@@ -36,10 +36,11 @@ from ._capture import (
 
 __all__: list[str] = []
 
-LinearRule = tuple[str, float]  # ("epsilon", 0.0) or ("gamma", g)
+LinearRule = tuple[str, float]  # ("gradient", 0.0), ("epsilon", 0.0) or ("gamma", g)
 
-#: Module kinds whose linear / convolution layers take a configurable rule.
-LINEAR_KINDS = ("patch_embed", "mlp", "head")
+#: Module kinds whose linear / convolution layers take a configurable rule
+#: (``attn_proj``: the attention's query / key / value and output projections).
+LINEAR_KINDS = ("patch_embed", "mlp", "head", "attn_proj")
 ATTENTION_RULES = ("cp", "attnlrp")
 IDENTITY_CHOICES = ("identity", "gradient")
 
@@ -310,6 +311,7 @@ class _Plan:
     gated: list[nn.Module]
     block_linears: list[nn.Module]  # MLP linears inside blocks
     outer_linears: list[nn.Module]  # linears / convolutions outside the blocks
+    attention_linears: list[nn.Module]  # q / k / v and output projections (module calls)
     skipped: set[int] = field(default_factory=set)
 
 
@@ -335,6 +337,7 @@ def plan(adapter: ViTAdapter) -> _Plan:
     gated: list[nn.Module] = []
     block_lin: list[nn.Module] = []
     outer_lin: list[nn.Module] = []
+    attn_lin: list[nn.Module] = []
     for m in model.modules():
         if _is_norm(m):
             norms.append(m)
@@ -345,9 +348,27 @@ def plan(adapter: ViTAdapter) -> _Plan:
             gated.append(product)
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             if id(m) in in_attention:
-                continue  # attention projections: plain gradient (LRP-0)
-            (block_lin if id(m) in in_blocks else outer_lin).append(m)
-    return _Plan(sites, list(blocks), norms, acts, gated, block_lin, outer_lin)
+                attn_lin.append(m)
+            else:
+                (block_lin if id(m) in in_blocks else outer_lin).append(m)
+    return _Plan(sites, list(blocks), norms, acts, gated, block_lin, outer_lin, attn_lin)
+
+
+def check_rules(p: _Plan, rules: Rules) -> None:
+    """Raise ``ValueError`` for a rule that cannot act on the planned model."""
+    if rules.attention == "attnlrp" and any(s.kind == "probs" for s in p.attention):
+        raise ValueError(
+            "attention rule 'attnlrp' needs the queries, keys and the attention output of "
+            "each layer, which captum_vit knows for timm, Hugging Face and torchvision "
+            "models only; for a custom model use rules={'attention': 'cp'} (constant "
+            "attention through the captured probabilities)"
+        )
+    if rules.linear["attn_proj"][0] != "gradient" and any(s.kind == "mha" for s in p.attention):
+        raise ValueError(
+            "rules['attn_proj'] other than 'gradient' needs attention projections called as "
+            "modules; nn.MultiheadAttention (torchvision's ViT) applies its projection weights "
+            "functionally, so use rules={'attn_proj': 'gradient'} for this model"
+        )
 
 
 # ---------------------------------------------------------------------- the session
@@ -363,6 +384,8 @@ class _Session:
 
 def _linear_rule(session: _Session, kind: str, module: nn.Module, x: Tensor, z: Tensor) -> Tensor | None:
     name, value = session.rules.linear[kind]
+    if name == "gradient":
+        return None
     if name == "gamma":
         return gamma_output(module, x, z, value, session.rules.epsilon)
     if session.rules.epsilon > 0:
@@ -385,13 +408,7 @@ def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = 
     ``(B, N, D)`` after the forward pass.
     """
     p = plan(adapter)
-    if rules.attention == "attnlrp" and any(s.kind == "probs" for s in p.attention):
-        raise ValueError(
-            "attention rule 'attnlrp' needs the queries, keys and the attention output of "
-            "each layer, which captum_vit knows for timm, Hugging Face and torchvision "
-            "models only; for a custom model use rules={'attention': 'cp'} (constant "
-            "attention through the captured probabilities)"
-        )
+    check_rules(p, rules)
     session = _Session(rules, capture_layer)
     with contextlib.ExitStack() as stack:
 
@@ -416,6 +433,8 @@ def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = 
             fwd(m, lambda mod, args, out: _scale_grad(out, 0.5), "lrp-gated")
         for m in p.block_linears:
             fwd(m, lambda mod, args, out: _linear_rule(session, "mlp", mod, args[0], out), "lrp-linear")
+        for m in p.attention_linears:
+            fwd(m, lambda mod, args, out: _linear_rule(session, "attn_proj", mod, args[0], out), "lrp-linear")
         for m in p.outer_linears:
             fwd(
                 m,

@@ -23,7 +23,7 @@ from captum_vit import AttnLRP, GradientRollout, _lrp, adapt
 from captum_vit._capture import _slots_in_use
 
 ROOT = Path(__file__).resolve().parents[1]
-PLAIN = {"patch_embed": "epsilon", "mlp": "epsilon", "head": "epsilon", "epsilon": 0.0}
+PLAIN = {"patch_embed": "epsilon", "mlp": "epsilon", "head": "epsilon", "attn_proj": "gradient", "epsilon": 0.0}
 
 
 # ------------------------------------------------------------------------ lxt itself
@@ -208,8 +208,32 @@ def test_custom_vit_attnlrp_needs_known_attention() -> None:
 
 
 # ------------------------------------------------------------------------ independent reference
-def _reference_timm(m: nn.Module, x: Tensor, target: list[int], attention: str) -> Tensor:
-    """A timm ViT written out by hand with the rules (plain linears, ε = 0)."""
+def _gamma_ref(z: Tensor, pos: Tensor, neg: Tensor, gamma: float, eps: float) -> Tensor:
+    """The Gamma rule as ``z_γ · (z / z_γ).detach()`` (the issue's form), ``z_γ`` built from
+    the positive (``pos`` = P + b⁺) and negative (``neg`` = N + b⁻) contributions."""
+    zg = torch.where(z > 0, z + gamma * pos, z + gamma * neg)
+    out = zg * (z / (zg + eps * torch.where(zg >= 0, 1.0, -1.0))).detach()
+    return out + (z - out).detach()  # the forward value stays z (ε would shift it)
+
+
+def _lin(t: Tensor, mod: nn.Linear, gamma: float | None, eps: float) -> Tensor:
+    z = F.linear(t, mod.weight, mod.bias)
+    if gamma is None:
+        return z
+    w, b = mod.weight, mod.bias
+    tp, tn = t.clamp(min=0), t.clamp(max=0)
+    pos = F.linear(tp, w.clamp(min=0)) + F.linear(tn, w.clamp(max=0)) + b.clamp(min=0)
+    neg = F.linear(tp, w.clamp(max=0)) + F.linear(tn, w.clamp(min=0)) + b.clamp(max=0)
+    return _gamma_ref(z, pos, neg, gamma, eps)
+
+
+def _reference_timm(
+    m: nn.Module, x: Tensor, target: list[int], attention: str, gammas: dict[str, float] | None = None,
+    eps: float = 0.0,
+) -> Tensor:
+    """A timm ViT written out by hand with the rules (plain linears, ε = 0, or the Gamma
+    rule with ``gammas[kind]`` on the kinds it names)."""
+    gm = gammas or {}
 
     def ln(mod: Any, t: Tensor) -> Tensor:
         mean = t.mean(-1, keepdim=True)
@@ -224,13 +248,19 @@ def _reference_timm(m: nn.Module, x: Tensor, target: list[int], attention: str) 
 
     x = x.clone().requires_grad_(True)
     pe = m.patch_embed.proj
-    t = F.conv2d(x, pe.weight, pe.bias, stride=pe.stride).flatten(2).transpose(1, 2)
+    c = F.conv2d(x, pe.weight, pe.bias, stride=pe.stride)
+    if "patch_embed" in gm:
+        xp, xn, w, b = x.clamp(min=0), x.clamp(max=0), pe.weight, pe.bias
+        pos = F.conv2d(xp, w.clamp(min=0), stride=8) + F.conv2d(xn, w.clamp(max=0), stride=8)
+        neg = F.conv2d(xp, w.clamp(max=0), stride=8) + F.conv2d(xn, w.clamp(min=0), stride=8)
+        c = _gamma_ref(c, pos + b.clamp(min=0)[:, None, None], neg + b.clamp(max=0)[:, None, None], gm["patch_embed"], eps)
+    t = c.flatten(2).transpose(1, 2)
     t = torch.cat([m.cls_token.expand(len(x), -1, -1), t], 1) + m.pos_embed
     for blk in m.blocks:
         a = blk.attn
         h = ln(blk.norm1, t)
         b, n, d = h.shape
-        q, k, v = F.linear(h, a.qkv.weight, a.qkv.bias).reshape(b, n, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = _lin(h, a.qkv, gm.get("attn_proj"), eps).reshape(b, n, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
         if attention == "cp":
             q, k = q.detach(), k.detach()
         else:
@@ -238,11 +268,11 @@ def _reference_timm(m: nn.Module, x: Tensor, target: list[int], attention: str) 
         o = (q * a.scale @ k.transpose(-2, -1)).softmax(-1) @ v
         if attention == "attnlrp":
             o = half(o)
-        t = t + F.linear(o.transpose(1, 2).reshape(b, n, d), a.proj.weight, a.proj.bias)
+        t = t + _lin(o.transpose(1, 2).reshape(b, n, d), a.proj, gm.get("attn_proj"), eps)
         h = ln(blk.norm2, t)
-        h = F.linear(gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+        h = _lin(gelu(_lin(h, blk.mlp.fc1, gm.get("mlp"), eps)), blk.mlp.fc2, gm.get("mlp"), eps)
         t = t + h
-    y = F.linear(ln(m.norm, t)[:, 0], m.head.weight, m.head.bias)
+    y = _lin(ln(m.norm, t)[:, 0], m.head, gm.get("head"), eps)
     (g,) = torch.autograd.grad(y[torch.arange(len(x)), target].sum(), x)
     return (x * g).detach()
 
@@ -260,6 +290,54 @@ def test_timm_equals_hand_written_reference(attention: str) -> None:
     got = AttnLRP(m, rules={"attention": attention, **PLAIN}).attribute(x, target=[1, 3])
     ref = _reference_timm(m, x, [1, 3], attention)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("attn_proj", [None, 0.25])
+def test_timm_gamma_everywhere_equals_hand_written_reference(attn_proj: float | None) -> None:
+    # Gamma on the patch embedding, MLPs, head and (or not) the attention projections,
+    # against the rule written as z_γ · (z / z_γ).detach() from explicit P / N sums.
+    import timm
+
+    torch.manual_seed(1)
+    m = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, depth=2, img_size=32, patch_size=8,
+        embed_dim=16, num_heads=2, num_classes=4,
+    ).eval()
+    x = torch.randn(2, 3, 32, 32)
+    gammas = {"patch_embed": 0.1, "mlp": 0.05, "head": 0.5}
+    rules: dict[str, Any] = {k: ("gamma", v) for k, v in gammas.items()}
+    rules["attn_proj"] = "gradient" if attn_proj is None else ("gamma", attn_proj)
+    if attn_proj is not None:
+        gammas["attn_proj"] = attn_proj
+    got = AttnLRP(m, rules={"attention": "cp", "epsilon": 1e-6, **rules}).attribute(x, target=[1, 3])
+    ref = _reference_timm(m, x, [1, 3], "cp", gammas, eps=1e-6)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    if attn_proj is not None:  # the projections' rule is in effect
+        plain = AttnLRP(m, rules={"attention": "cp", "epsilon": 1e-6, **rules, "attn_proj": "gradient"})
+        assert (plain.attribute(x, target=[1, 3]) - got).abs().max() > 1e-3 * float(ref.abs().max())
+
+
+def test_gamma_on_attention_projections_conserves_relevance() -> None:
+    # Bias-free, ε = 0: Gamma on every linear (attention projections included) keeps
+    # each block's output relevance equal to the target logit, as the identity rules do.
+    m, ad = _custom(bias=False)
+    x = torch.randn(2, 3, 8, 8)
+    g = ("gamma", 0.25)
+    lrp = AttnLRP(
+        m, rules={"attention": "cp", "patch_embed": g, "mlp": g, "head": g, "attn_proj": g, "epsilon": 0.0},
+        adapter=ad,
+    )
+    logits = m(x)
+    for layer in (0, 1):
+        r = lrp.attribute(x, target=[0, 2], layer=layer, return_patch_grid=True)
+        torch.testing.assert_close(r.sum((1, 2, 3)), logits[[0, 1], [0, 2]].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_projection_rule_on_multihead_attention_raises() -> None:
+    m, _ = make_model("torchvision_vit")
+    with pytest.raises(ValueError, match="rules=\\{'attn_proj': 'gradient'\\}"):
+        AttnLRP(m, rules={"attn_proj": ("gamma", 0.05)})
+    AttnLRP(m, rules={"attn_proj": "gradient"})  # the plain gradient is fine
 
 
 # ------------------------------------------------------------------------ every family

@@ -28,13 +28,14 @@ DEFAULT_RULES: dict[str, Any] = {
     "patch_embed": ("gamma", 0.1),
     "mlp": ("gamma", 0.05),
     "head": ("gamma", 0.05),
+    "attn_proj": "gradient",
     "epsilon": 1e-6,
 }
 
 
 def _linear_rule(kind: str, value: Any) -> _lrp.LinearRule:
-    if value == "epsilon":
-        return ("epsilon", 0.0)
+    if value in ("epsilon", "gradient"):
+        return (str(value), 0.0)
     if (
         isinstance(value, (tuple, list))
         and len(value) == 2
@@ -46,7 +47,7 @@ def _linear_rule(kind: str, value: Any) -> _lrp.LinearRule:
     ):
         return ("gamma", float(value[1]))
     raise ValueError(
-        f"rules[{kind!r}] must be 'epsilon' or ('gamma', g) with g >= 0, got {value!r}"
+        f"rules[{kind!r}] must be 'gradient', 'epsilon' or ('gamma', g) with g >= 0, got {value!r}"
     )
 
 
@@ -162,7 +163,7 @@ class AttnLRP(GradientAttribution):
         self.model = model
         self.rules = _resolve_rules(rules)
         # Find every rule's modules now, so that an unsupported model fails here.
-        _lrp.plan(self.adapter)
+        _lrp.check_rules(_lrp.plan(self.adapter), self.rules)
 
     @property
     def multiplies_by_inputs(self) -> bool:
