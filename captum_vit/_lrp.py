@@ -433,8 +433,9 @@ def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = 
             fwd(m, lambda mod, args, out: _scale_grad(out, 0.5), "lrp-gated")
         for m in p.block_linears:
             fwd(m, lambda mod, args, out: _linear_rule(session, "mlp", mod, args[0], out), "lrp-linear")
-        for m in p.attention_linears:
-            fwd(m, lambda mod, args, out: _linear_rule(session, "attn_proj", mod, args[0], out), "lrp-linear")
+        if rules.linear["attn_proj"][0] != "gradient":  # "gradient": no hook at all
+            for m in p.attention_linears:
+                fwd(m, lambda mod, args, out: _linear_rule(session, "attn_proj", mod, args[0], out), "lrp-linear")
         for m in p.outer_linears:
             fwd(
                 m,
