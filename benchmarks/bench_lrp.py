@@ -1,20 +1,29 @@
 """AttnLRP on the bundled DeiT-Tiny and the shared ImageNet sample: faithfulness
 against Chefer relevance and rollout, rule choice on held-out images, and cost.
 
-Two perturbation tests (Chefer et al. 2021), each the negative-minus-positive AUC of
+Three perturbation tests (Chefer et al. 2021), each the negative-minus-positive AUC of
 top-1 accuracy against the ground-truth label over removal fractions 0, 0.1, ..., 0.9,
 explaining the predicted class:
 
-* pixel-zero: the pixels of the removed patches are set to 0 in the normalised input
-  (Chefer et al.'s own test);
-* token-zero: :func:`captum_vit.metrics.perturbation_curve` (patch embedding set to 0).
+* pixel-zero (the issue's test): the pixels of the removed patches are set to 0 in the
+  normalised input (the mean colour);
+* token-zero: :func:`captum_vit.metrics.perturbation_curve` (patch embedding set to 0);
+* Chefer-code: Chefer et al.'s ``pertubation_eval_from_hdf5.py`` exactly: the patch map
+  upsampled bilinearly to 224 x 224, single pixels ranked and set to 0 *before*
+  normalisation (black).
 
 The images are split once: every 10th image of ``labels.csv`` (50 of 500) is held out
 to choose AttnLRP's default rules (``tune``); ``eval`` reports on the other 450 only.
+The committed results come from (one process; the batches depend on ``--nproc``, and
+so, slightly, do the numbers):
 
-    python benchmarks/bench_lrp.py tune  --nproc 2    # -> results/lrp_tuning.{csv,md}
-    python benchmarks/bench_lrp.py eval  --nproc 2    # -> results/lrp_eval.{csv,md}
-    python benchmarks/bench_lrp.py speed              # -> results/lrp_speed.md
+    python benchmarks/bench_lrp.py tune --nproc 1 --methods cp_g0.1_0.05,cp_g0.1_0.05_attn0.05,\
+        cp_g0.1_0.05_attn0.25,cp_g0.1_0.1,cp_g0.1_0.25,cp_g0.1_0.05_headeps,chefer
+    python benchmarks/bench_lrp.py tune --nproc 1 --append --methods cp_g0.25_0.05_attn0.05,\
+        attnlrp_g0.1_0.05_attn0.05,cp_g0.1_0.25_attn0.25,cp_g0.1_0.05_attn1.0
+    python benchmarks/bench_lrp.py eval --nproc 1 --methods attn_lrp,chefer,rollout,\
+        check_cp_g0.1_0.25_attn0.25              # -> results/lrp_eval.{csv,md}
+    python benchmarks/bench_lrp.py speed --repeats 11   # -> results/lrp_speed.md
 
 Run with ``OMP_NUM_THREADS=1``; each worker process uses one thread.
 """

@@ -380,6 +380,20 @@ class _Session:
         self.capture_layer = capture_layer
         self.in_blocks = False
         self.block_output: Tensor | None = None
+        self.projections: list[nn.Module] = []  # attention linears with a rule
+        self.fired: set[int] = set()
+
+    def check_projections(self) -> None:
+        """Raise if a forward pass left an attention projection with a rule uncalled
+        (e.g. timm EVA computes its biased qkv with ``F.linear`` on the module's weight):
+        its rule would silently not have acted."""
+        missed = [m for m in self.projections if id(m) not in self.fired]
+        if missed:
+            raise ValueError(
+                f"rules['attn_proj']: {len(missed)} attention projection(s) of this model "
+                f"(e.g. a {type(missed[0]).__name__}) are not called as modules, so their "
+                "rule cannot act; use rules={'attn_proj': 'gradient'} for this model"
+            )
 
 
 def _linear_rule(session: _Session, kind: str, module: nn.Module, x: Tensor, z: Tensor) -> Tensor | None:
@@ -434,8 +448,14 @@ def lrp_rules(adapter: ViTAdapter, rules: Rules, *, capture_layer: int | None = 
         for m in p.block_linears:
             fwd(m, lambda mod, args, out: _linear_rule(session, "mlp", mod, args[0], out), "lrp-linear")
         if rules.linear["attn_proj"][0] != "gradient":  # "gradient": no hook at all
+
+            def projection(mod: nn.Module, args: tuple[Any, ...], out: Tensor) -> Tensor | None:
+                session.fired.add(id(mod))
+                return _linear_rule(session, "attn_proj", mod, args[0], out)
+
+            session.projections = list(p.attention_linears)
             for m in p.attention_linears:
-                fwd(m, lambda mod, args, out: _linear_rule(session, "attn_proj", mod, args[0], out), "lrp-linear")
+                fwd(m, projection, "lrp-linear")
         for m in p.outer_linears:
             fwd(
                 m,

@@ -340,6 +340,29 @@ def test_attention_projection_rule_on_multihead_attention_raises() -> None:
     AttnLRP(m, rules={"attn_proj": "gradient"})  # the plain gradient is fine
 
 
+def test_attention_projection_rule_on_a_functional_projection_raises() -> None:
+    # timm EVA (biased qkv) calls F.linear with qkv's weight: its rule could not act.
+    m, size = make_model("timm_eva")
+    state = _state(m)
+    x = torch.randn(1, 3, size, size)
+    with pytest.raises(ValueError, match="not called as modules"):
+        AttnLRP(m, rules={"attn_proj": ("gamma", 0.05)}).attribute(x, target=0)
+    assert _state(m) == state
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "hf_vit", "hf_clip_vision", "hf_dinov2"])
+def test_attention_projection_rule_acts_on_module_projections(name: str) -> None:
+    m, size = make_model(name)
+    x = torch.randn(2, 3, size, size)
+    for rule, eps in ((("gamma", 0.25), 1e-6), ("epsilon", 0.1)):
+        plain = AttnLRP(m, rules={"epsilon": eps}).attribute(x, target=[0, 1])
+        lrp = AttnLRP(m, rules={"attn_proj": rule, "epsilon": eps})
+        r = lrp.attribute(x, target=[0, 1])
+        assert torch.isfinite(r).all()
+        assert (r - plain).abs().max() > 1e-4 * float(plain.abs().max())  # the rule acted
+        torch.testing.assert_close(lrp.attribute(x[1:], target=1), r[1:], rtol=1e-4, atol=1e-6 * float(r.abs().max()))
+
+
 # ------------------------------------------------------------------------ every family
 def _state(m: nn.Module) -> list[Any]:
     out: list[Any] = []

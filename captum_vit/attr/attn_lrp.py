@@ -92,19 +92,24 @@ class AttnLRP(GradientAttribution):
       et al. 2024: the softmax's own gradient, which in gradient x input form is
       AttnLRP's softmax rule, and the uniform rule on both matmuls: half of
       ``softmax(q kᵀ) v``'s relevance to each factor, half of the scores' relevance
-      to ``q`` and to ``k``). The attention projections (qkv, output) always use
-      the plain gradient (LRP-0).
+      to ``q`` and to ``k``).
     * ``"norm"``: ``"identity"`` (LayerNorm / RMSNorm with the standard deviation
       detached, the identity rule on the normalisation) or ``"gradient"``.
     * ``"activation"``: ``"identity"`` (GELU / SiLU / Mish-type activations pass
       relevance unchanged: gradient ``y / x``) or ``"gradient"``. The product of a
       gated MLP (timm SwiGLU / GluMlp) always takes the uniform rule.
-    * ``"patch_embed"``, ``"mlp"``, ``"head"``: the linear layers / convolutions
-      before the first block, inside the blocks' MLPs and after the last block:
-      ``"epsilon"`` (LRP-ε with ``rules["epsilon"]``) or ``("gamma", g)``
-      (zennit's generalised Gamma rule, favouring positive contributions by ``g``,
-      computed as a modified gradient with one extra product ``|x| |W|``; its
-      denominator is stabilised by ``rules["epsilon"]`` as in zennit).
+    * ``"patch_embed"``, ``"mlp"``, ``"head"``, ``"attn_proj"``: the linear layers /
+      convolutions before the first block, inside the blocks' MLPs, after the last
+      block, and the attention's query / key / value and output projections:
+      ``"gradient"`` (the plain gradient, LRP-0), ``"epsilon"`` (LRP-ε with
+      ``rules["epsilon"]``) or ``("gamma", g)`` (zennit's generalised Gamma rule,
+      favouring positive contributions by ``g``, computed as a modified gradient
+      with one extra product ``|x| |W|``; its denominator is stabilised by
+      ``rules["epsilon"]`` as in zennit). ``"attn_proj"`` other than
+      ``"gradient"`` needs projections called as modules (timm, Hugging Face,
+      custom ViTs); ``nn.MultiheadAttention`` (torchvision) applies them
+      functionally and raises ``ValueError`` there. Under ``"cp"`` only the value
+      part of a projection carries relevance.
     * ``"epsilon"``: the ε of LRP-ε and of Gamma's stabiliser.
 
     Conservation: the identity and uniform rules conserve relevance exactly; biases
@@ -129,13 +134,22 @@ class AttnLRP(GradientAttribution):
 
     Defaults (``rules=None``): ``{"attention": "cp", "norm": "identity",
     "activation": "identity", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.05),
-    "head": ("gamma", 0.05), "epsilon": 1e-6}``, chosen on 50 held-out ImageNet images
-    (every 10th of the shared sample, none of them among the reported ones) with the
-    bundled DeiT-Tiny, by the negative-minus-positive AUC of top-1 accuracy when the
-    pixels of removed patches are set to 0 (token-zero test in brackets): CP with
-    Gamma 0.1 / 0.05 / 0.05 0.485 (0.323); Gamma 0.25 on the patch embedding 0.481
-    (0.321); Gamma 1.0 0.480 (0.309); AttnLRP's softmax rule with Gamma 0.25 / 0.05
-    0.391 (0.265); Chefer relevance on the same images 0.438 (0.286).
+    "head": ("gamma", 0.05), "attn_proj": "gradient", "epsilon": 1e-6}`` (lxt's ViT
+    example as it acts on torchvision's ViT: Gamma on the patch convolution and on the
+    Linear modules that model calls, its MLPs and head; the attention projections,
+    applied functionally there, stay LRP-0). Chosen on 50 held-out ImageNet images (every 10th of the shared sample,
+    none of them among the reported ones) with the bundled DeiT-Tiny, by the
+    negative-minus-positive AUC of top-1 accuracy when the pixels of removed patches
+    are set to 0 in the normalised input: the defaults 0.491, Chefer relevance 0.436.
+    No alternative beat the defaults by more than the noise (paired difference,
+    95% bootstrap CI): Gamma on the attention projections 0.05 / 0.25 / 1.0:
+    -0.006 / +0.018 / -0.008; Gamma 0.1 or 0.25 on MLPs and head -0.013 / -0.010;
+    epsilon on the head -0.001; lxt's example with Gamma 0.25 on the patch embedding
+    and 0.05 on every linear, projections included, -0.014; Gamma 0.25 on every
+    linear +0.027 [-0.023, +0.086] (the best of ten, and not better on the token-zero
+    test: +0.004); AttnLRP's softmax rule -0.051 [-0.103, -0.005]. An earlier run:
+    Gamma 0.25 or 1.0 on the patch embedding within 0.005 of 0.1.
+    ``benchmarks/results/lrp_tuning.md`` has every number.
 
     Args:
         model (nn.Module): a ViT supported by :func:`captum_vit.adapt`.
@@ -149,6 +163,7 @@ class AttnLRP(GradientAttribution):
         >>> r = lrp.attribute(images, target=281)          # (B, 3, H, W), signed
         >>> grid = lrp.attribute(images, return_patch_grid=True)   # (B, 1, gh, gw)
         >>> cp = AttnLRP(model, rules={"attention": "attnlrp", "mlp": "epsilon"})
+        >>> g = AttnLRP(model, rules={"attn_proj": ("gamma", 0.25)})   # Gamma on qkv / proj
     """
 
     def __init__(
@@ -214,6 +229,7 @@ class AttnLRP(GradientAttribution):
             xg = x.detach().requires_grad_(True)
             with _lrp.lrp_rules(self.adapter, self.rules, capture_layer=block) as session:
                 scores = self.adapter.forward(xg, *args)
+            session.check_projections()
             t = _resolve_target(target, scores)
             score = scores.gather(1, t[:, None]).sum()
             wrt = xg if block is None else session.block_output
