@@ -14,8 +14,7 @@ explaining the predicted class:
 
 The images are split once: every 10th image of ``labels.csv`` (50 of 500) is held out
 to choose AttnLRP's default rules (``tune``); ``eval`` reports on the other 450 only.
-The committed results come from (one process; the batches depend on ``--nproc``, and
-so, slightly, do the numbers):
+The committed results come from:
 
     python benchmarks/bench_lrp.py tune --nproc 1 --methods cp_g0.1_0.05,cp_g0.1_0.05_attn0.05,\
         cp_g0.1_0.05_attn0.25,cp_g0.1_0.1,cp_g0.1_0.25,cp_g0.1_0.05_headeps,chefer
@@ -278,13 +277,13 @@ def _summary(rows: list[dict[str, Any]], split: str, seconds: float, command: st
     return "\n".join(lines) + "\n"
 
 
-def paired(rows: list[dict[str, Any]], ref: str) -> str:
+def paired(rows: list[dict[str, Any]], ref: str, what: str) -> str:
     """Each method minus ``ref`` (paired over images) on every test: the tuning's own
     comparison against the current default."""
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in (ref, "chefer")]
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m not in (ref, "chefer", "rollout")]
     by = {m: sorted((r for r in rows if r["method"] == m), key=lambda r: r["index"]) for m in [ref, *methods]}
     lines = [
-        f"Paired difference to `{ref}` (the default before this tuning), 95% bootstrap CI:",
+        f"Paired difference to `{ref}` ({what}), 95% bootstrap CI:",
         "",
         "| method | " + " | ".join(f"Δ {name}" for _, name in TESTS) + " |",
         "|---|" + "---|" * len(TESTS),
@@ -333,14 +332,22 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 def write_summary(split: str, seconds: float, command: str, append: bool = False) -> None:
     """Merge the part files into ``lrp_<tuning|eval>.csv`` and write the Markdown table
     (images with rows for every method only). ``append``: keep the rows of the methods
-    this run did not compute from the existing CSV (the same images and batches: a run
-    with the same ``--nproc`` / ``--limit`` computes every method on identical batches),
-    and list both commands."""
+    this run did not compute from the existing CSV (same images: use the same
+    ``--limit``), and list both commands. Without part files (``summary-<split>``), the
+    existing CSV is summarised again with its recorded command."""
     name = "lrp_tuning" if split == "tune" else "lrp_eval"
     rows: list[dict[str, Any]] = []
-    for part in sorted(RESULTS.glob(f"lrp_{split}.part*.csv")):
+    parts = sorted(RESULTS.glob(f"lrp_{split}.part*.csv"))
+    for part in parts:
         rows.extend(_read_rows(part))
-    if append and (RESULTS / f"{name}.csv").exists():
+    if not parts and (RESULTS / f"{name}.csv").exists():  # re-summarise the committed CSV
+        rows = _read_rows(RESULTS / f"{name}.csv")
+        old = (RESULTS / f"{name}.md").read_text().split("\n") if (RESULTS / f"{name}.md").exists() else []
+        for ln in old:
+            if ln.startswith("Command: "):
+                command, _, secs = ln[len("Command: "):].rpartition(" (")
+                command, seconds = command.strip("`"), float(secs.rstrip(" s)."))
+    elif append and (RESULTS / f"{name}.csv").exists():
         new = {r["method"] for r in rows}
         rows = [r for r in _read_rows(RESULTS / f"{name}.csv") if r["method"] not in new] + rows
         old = (RESULTS / f"{name}.md").read_text().split("\n") if (RESULTS / f"{name}.md").exists() else []
@@ -356,8 +363,11 @@ def write_summary(split: str, seconds: float, command: str, append: bool = False
         w.writeheader()
         w.writerows(sorted(rows, key=lambda r: (r["method"], r["index"])))
     text = _summary(rows, split, seconds, command)
-    if split == "tune" and PREVIOUS_DEFAULT in {r["method"] for r in rows}:
-        text += "\n" + paired(rows, PREVIOUS_DEFAULT)
+    present = {r["method"] for r in rows}
+    if split == "tune" and PREVIOUS_DEFAULT in present:
+        text += "\n" + paired(rows, PREVIOUS_DEFAULT, "the default before this tuning")
+    if split == "eval" and "attn_lrp" in present and present & set(EVAL_CHECKS):
+        text += "\n" + paired(rows, "attn_lrp", "the default; a check of the held-out winner, not a choice")
     (RESULTS / f"{name}.md").write_text(text)
     for part in RESULTS.glob(f"lrp_{split}.part*.csv"):
         part.unlink()
@@ -410,7 +420,8 @@ def speed(repeats: int) -> None:
             f"| AttnLRP | {statistics.median(mine):.3f} | {min(mine):.3f} |",
             "",
             f"Median of {repeats} paired ratios: **{statistics.median(ratios):.2f}x** "
-            f"(ratio of minima {min(mine) / min(base):.2f}x).",
+            f"(ratio of minima {min(mine) / min(base):.2f}x). 1-minute load average at the end: "
+            f"{os.getloadavg()[0]:.2f} on 2 cores (another job on the other core; the ratio is paired).",
             "",
         ]
     )
@@ -428,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=None, help="comma-separated subset of the split's methods")
     p.add_argument(
         "--append", action="store_true",
-        help="keep the other methods' rows of the existing CSV (same --nproc / --limit only)",
+        help="keep the other methods' rows of the existing CSV (same --limit only)",
     )
     a = p.parse_args(argv)
     methods = None if a.methods is None else [m.strip() for m in a.methods.split(",") if m.strip()]
