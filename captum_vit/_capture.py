@@ -139,6 +139,7 @@ class AttentionRecorder:
         on_attention: Callable[[int, Tensor], None] | None = None,
         validate: bool = True,
         stop_after: int | None = None,
+        stop_rows: Callable[[int], Tensor] | None = None,
     ) -> None:
         self.attentions: list[Tensor | None] = [None] * num_layers
         self.num_tokens: int | None = None
@@ -147,10 +148,22 @@ class AttentionRecorder:
         self._on_attention = on_attention
         self._validate = validate
         self._stop_after = stop_after
+        self._stop_rows = stop_rows if stop_after is not None else None
 
     def record(self, layer: int, attn: Tensor, *, check_rows: bool) -> None:
         if self._validate:
             _validate_attention(layer, attn, check_rows=check_rows)
+        if self._stop_rows is not None and layer == self._stop_after:
+            attn = attn.index_select(-2, self._stop_rows(int(attn.shape[-1])).to(attn.device))
+        self._deliver(layer, attn)
+
+    def record_rows(self, layer: int, rows: Tensor) -> None:
+        """Record the stop layer's query rows ``(B, heads, rows, N)``, computed by the
+        capture itself (only those rows of the scores), and end the forward pass."""
+        assert self._stop_rows is not None and layer == self._stop_after
+        self._deliver(layer, rows)
+
+    def _deliver(self, layer: int, attn: Tensor) -> None:
         self.num_tokens = int(attn.shape[-1])
         self.seen.add(layer)
         if self._keep:
@@ -418,6 +431,7 @@ class ViTAdapter:
         on_attention: Callable[[int, Tensor], None] | None = None,
         validate: bool = True,
         stop_after: int | None = None,
+        stop_rows: Callable[[int], Tensor] | None = None,
     ) -> Iterator[AttentionRecorder]:
         """Record every layer's attention probabilities while the model runs.
 
@@ -466,6 +480,13 @@ class ViTAdapter:
                 leaves the ``with`` block (statements after the forward call inside
                 the block are skipped; catch it around the call to continue).
                 Default: None
+            stop_rows (Callable[[int], Tensor], optional): with ``stop_after``, deliver
+                only some rows of the stop layer's attention: called with the token
+                count ``N``, it returns the row indices (e.g. the query rows), and that
+                layer is recorded as ``(B, heads, rows, N)``. timm attention computes
+                only those rows of its scores (the queries of the other tokens, the
+                values and the softmax of the other rows are skipped); other modules
+                are run in full and their map sliced. Default: None
 
         Yields:
             AttentionRecorder: filled during forward passes run by this thread
@@ -488,6 +509,7 @@ class ViTAdapter:
             on_attention=on_attention,
             validate=validate,
             stop_after=stop_after,
+            stop_rows=stop_rows,
         )
         with contextlib.ExitStack() as stack:
             if self._capture_kind == "timm":
@@ -500,6 +522,11 @@ class ViTAdapter:
                     stack.enter_context(_hf_thread_eager(cfg, per_thread=per_thread))
             for layer, module in enumerate(self.attention_modules):
                 stack.enter_context(self._hook_layer(layer, module, recorder))
+            if stop_rows is not None and stop_after is not None and self._timm_rows_ok(stop_after):
+                module = self.attention_modules[stop_after]
+                stack.enter_context(
+                    _thread_forward(module, _timm_rows_forward(module, recorder, stop_after, stop_rows))
+                )
             try:
                 yield recorder
             except StopForward as stop:
@@ -511,6 +538,17 @@ class ViTAdapter:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
+
+    def _timm_rows_ok(self, layer: int) -> bool:
+        """Whether layer ``layer`` is timm's standard ``Attention`` (its own class
+        forward, a packed ``qkv`` linear), so that :func:`_timm_rows_forward` can
+        compute some rows of its map (the class test is cached)."""
+        if self._capture_kind != "timm":
+            return False
+        module = self.attention_modules[layer]
+        if "forward" in module.__dict__:  # replaced by the user or by an open capture
+            return False
+        return self._cached(("timm_rows", layer), lambda: _is_timm_attention(module))  # type: ignore[no-any-return]
 
     def _hf_switch(self) -> tuple[bool, list[Any]]:
         """(whether HF eager attention can be dispatched per thread, the configs) (cached)."""
@@ -650,6 +688,55 @@ class ViTAdapter:
 
                     stack.enter_context(_thread_forward_hook(module, custom_hook, channel="stream"))
             yield stream
+
+
+def _is_timm_attention(module: nn.Module) -> bool:
+    try:
+        from timm.layers.attention import Attention
+    except ImportError:  # pragma: no cover - timm models imply timm
+        return False
+    return (
+        type(module).forward is Attention.forward
+        and isinstance(getattr(module, "qkv", None), nn.Linear)
+        and all(hasattr(module, a) for a in ("q_norm", "k_norm", "scale", "num_heads", "head_dim"))
+    )
+
+
+def _timm_rows_forward(
+    module: nn.Module, recorder: AttentionRecorder, layer: int, rows_of: Callable[[int], Tensor]
+) -> Callable[..., Any]:
+    """A forward for timm's ``Attention`` that computes only the rows ``rows_of(N)`` of
+    its probabilities, records them and ends the forward pass: the keys of every
+    token, the queries of those rows, their scores and softmax (the values, the other
+    rows and the output projection are not computed). Calls with a mask, causal
+    attention or in training mode (dropout) run the module's own forward."""
+    own = type(module).forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else kwargs.get("x")
+        extra = [*args[1:], *(v for k, v in kwargs.items() if k != "x")]
+        if (
+            module.training
+            or not isinstance(x, Tensor)
+            or x.ndim != 3
+            or any(v is not None and v is not False for v in extra)
+        ):
+            return own(module, *args, **kwargs)
+        b, n, _ = x.shape
+        heads, dim = int(module.num_heads), int(module.head_dim)
+        width = heads * dim
+        qkv: Any = module.qkv
+        weight, bias = qkv.weight, qkv.bias
+        rows = rows_of(n).to(x.device)
+        k = F.linear(x, weight[width : 2 * width], None if bias is None else bias[width : 2 * width])
+        q = F.linear(x.index_select(1, rows), weight[:width], None if bias is None else bias[:width])
+        k = module.k_norm(k.view(b, n, heads, dim).transpose(1, 2))  # type: ignore[operator]
+        q = module.q_norm(q.view(b, -1, heads, dim).transpose(1, 2))  # type: ignore[operator]
+        attn = (q * module.scale) @ k.transpose(-2, -1)
+        recorder.record_rows(layer, attn.softmax(dim=-1))  # raises StopForward
+        raise AssertionError("unreachable: record_rows ends the forward pass")
+
+    return forward
 
 
 def _second_if_tuple(out: Any, layer: int) -> Any:

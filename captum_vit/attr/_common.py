@@ -17,7 +17,11 @@ __all__: list[str] = []
 
 def _query_rows(matrix: Tensor, adapter: ViTAdapter, layout: TokenLayout) -> Tensor:
     """Query rows of a (B, ..., N, N) matrix, patch columns only: (B, ..., gh, gw)."""
-    rows = _weighted_rows(adapter._query_weights(layout, matrix.device), matrix)
+    return _patch_grid(_weighted_rows(adapter._query_weights(layout, matrix.device), matrix), layout)
+
+
+def _patch_grid(rows: Tensor, layout: TokenLayout) -> Tensor:
+    """The patch columns of token rows ``(B, ..., N)`` as a grid ``(B, ..., gh, gw)``."""
     patches = rows[..., layout.num_prefix_tokens :]
     return patches.reshape(*patches.shape[:-1], *layout.grid)
 
@@ -98,18 +102,27 @@ def _run_attention_only(
     on_attention: Any,
     first_layer: int = 0,
     last_layer: int = -1,
+    query_rows: bool = False,
 ) -> TokenLayout:
     """A no-grad forward pass that stops right after ``last_layer``'s attention.
 
     For methods that need attention but no output scores (raw attention, rollout):
     the blocks after ``last_layer`` and the head are not run, which leaves the
-    recorded attention identical. Raises if a layer in ``first_layer..last_layer``
+    recorded attention identical. With ``query_rows``, ``last_layer``'s attention
+    reaches ``on_attention`` as its query rows only, ``(B, heads, rows, N)`` in the
+    order of :func:`_query_indices` (see ``stop_rows`` of
+    :meth:`ViTAdapter.capture`). Raises if a layer in ``first_layer..last_layer``
     did not run. Returns the token layout.
     """
     adapter.check_inputs(inputs)
     last = last_layer % adapter.num_layers
+
+    def rows_of(num_tokens: int) -> Tensor:
+        return _query_indices(adapter, adapter.layout(inputs, num_tokens), inputs.device)
+
     with torch.no_grad(), adapter.capture(
-        keep=False, on_attention=on_attention, stop_after=last
+        keep=False, on_attention=on_attention, stop_after=last,
+        stop_rows=rows_of if query_rows else None,
     ) as rec:
         try:
             adapter.forward(inputs, *args)
@@ -134,9 +147,10 @@ def _lazy_product(
     residual_weight: float,
 ) -> RolloutProduct:
     """The :class:`RolloutProduct` kept in ``state["product"]``, built on the first
-    captured layer (the query rows need the token count ``attn`` reveals)."""
+    captured layer (the query rows need the token count ``attn`` reveals); the
+    layout goes in ``state["layout"]``."""
     if "product" not in state:
-        layout = adapter.layout(inputs, int(attn.shape[-1]))
+        layout = state["layout"] = adapter.layout(inputs, int(attn.shape[-1]))
         state["product"] = RolloutProduct(
             head_fusion, discard_ratio, residual_weight, _query_indices(adapter, layout, attn.device)
         )

@@ -56,8 +56,27 @@ def residual_normalize(fused: Tensor, residual_weight: float) -> Tensor:
     return mixed.div_(sums.masked_fill_(sums <= 0, 1.0))
 
 
+def _head_sum(a: Tensor) -> Tensor:
+    """``a.sum(dim=1)`` of ``(B, heads, ...)`` as a new tensor; with up to 4 heads a
+    chain of adds (one vectorised pass each; faster than the strided reduction)."""
+    heads = a.shape[1]
+    if heads == 1 or heads > 4:
+        return a.sum(dim=1)
+    total = torch.add(a[:, 0], a[:, 1])
+    for h in range(2, heads):
+        total.add_(a[:, h])
+    return total
+
+
 class RolloutProduct:
     """Accumulates ``R = Ã_L · … · Ã_start`` one layer at a time (O(N²) memory).
+
+    Each layer after the first costs one fused matmul: with ``F`` the fused map and
+    ``D`` the row sums of ``(1 - w)·F + w·I``,
+    ``Ã R = D⁻¹ ((1 - w)·F R + w·R)`` (a ``baddbmm`` and one row scaling; the
+    identity is never built). For the mean without discarding, ``F`` is kept as the
+    sum over heads and ``1 / heads`` folded into the matmul's factor.
+    :meth:`final_rows` multiplies only the query rows of the last layer.
 
     Args:
         head_fusion (str): "mean", "max" or "min".
@@ -84,10 +103,69 @@ class RolloutProduct:
         fused = discard_smallest(fused, self.discard_ratio, self.protected.to(fused.device))
         return residual_normalize(fused, self.residual_weight)
 
+    def _scaled_map(self, per_head: Tensor) -> tuple[Tensor, float]:
+        """``(M, c)`` with ``c·M = (1 - w)·F`` (``F`` fused and discarded); ``M`` is a
+        new float32 tensor ``(B, N, N)``."""
+        a = per_head if per_head.dtype == torch.float32 else per_head.float()
+        keep = 1.0 - self.residual_weight
+        if self.head_fusion == "mean" and self.discard_ratio <= 0:
+            return _head_sum(a), keep / a.shape[1]
+        fused = discard_smallest(
+            fuse_heads(a, self.head_fusion), self.discard_ratio, self.protected.to(a.device)
+        )
+        return fused, keep
+
+    def _row_sums(self, m: Tensor, c: float) -> Tensor:
+        """Row sums ``(B, rows, 1)`` of ``c·M + w·I`` (the identity's rows in ``M``'s
+        rows), with ``1`` where a sum is ``<= 0`` (those rows stay as they are)."""
+        sums = m.sum(dim=-1, keepdim=True).mul_(c).add_(self.residual_weight)
+        return sums.masked_fill_(sums <= 0, 1.0)
+
     def update(self, per_head: Tensor) -> None:
         """Multiply the next layer's ``Ã_l`` (from per-head maps) onto the left of R."""
-        a = self.layer_matrix(per_head)
-        self.result = a if self.result is None else torch.bmm(a, self.result)
+        m, c = self._scaled_map(per_head)
+        w = self.residual_weight
+        if self.result is None:
+            m.mul_(c).diagonal(dim1=-2, dim2=-1).add_(w)
+            sums = m.sum(dim=-1, keepdim=True)
+            self.result = m.div_(sums.masked_fill_(sums <= 0, 1.0))
+            return
+        sums = self._row_sums(m, c)
+        self.result = torch.baddbmm(self.result, m, self.result, beta=w, alpha=c).div_(sums)
+
+    def final_rows(
+        self, per_head: Tensor, weights: Tensor, rows: Tensor, *, sliced: bool = False
+    ) -> Tensor:
+        """``qᵀ Ã_l R`` for the last layer ``l``: the query-weighted row ``(B, N)``.
+
+        Only the query rows of ``Ã_l`` are formed: with ``v = q / D`` on those rows,
+        ``qᵀ Ã_l = (1 - w)·vᵀ F + w·v``, then one vector-matrix product with ``R``
+        (``R`` is the identity when ``l`` is the first layer). Leaves
+        :attr:`result` unchanged.
+
+        Args:
+            per_head (Tensor): the last layer's maps ``(B, heads, N, N)``, or with
+                ``sliced`` their rows ``rows`` only, ``(B, heads, len(rows), N)``
+                (only without discarding, which ranks all ``N·N`` entries).
+            weights (Tensor): query weights ``(N,)`` (the rows the head pools).
+            rows (Tensor): indices of the nonzero ``weights``.
+            sliced (bool, optional): ``per_head`` holds the rows only. Default: False
+        """
+        w = self.residual_weight
+        rows = rows.to(per_head.device)
+        if self.discard_ratio <= 0:
+            m, c = self._scaled_map(per_head if sliced else per_head.index_select(2, rows))
+        else:
+            if sliced:
+                raise ValueError("discarding ranks the whole map: pass all rows")
+            full, c = self._scaled_map(per_head)
+            m = full.index_select(1, rows)
+        v = self._row_sums(m, c).reciprocal_().mul_(weights.to(m.device)[rows, None])
+        u = torch.bmm(v.transpose(1, 2), m).mul_(c)  # (B, 1, N)
+        u[:, 0].index_add_(1, rows, v[..., 0], alpha=w)
+        if self.result is not None:
+            u = torch.bmm(u, self.result)
+        return u[:, 0]
 
 
 def chefer_update(relevance: Tensor | None, attn: Tensor, grad: Tensor) -> Tensor:

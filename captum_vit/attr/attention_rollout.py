@@ -7,7 +7,7 @@ from typing import Any
 from captum.attr import Attribution
 from torch import Tensor, nn
 
-from .._capture import ViTAdapter, resolve_adapter
+from .._capture import TokenLayout, ViTAdapter, resolve_adapter
 from .._compat import log_usage
 from .._utils import TargetType, _forward_args, _unpack_inputs
 from ._common import (
@@ -16,7 +16,7 @@ from ._common import (
     _check_layer_index,
     _format_output,
     _lazy_product,
-    _query_rows,
+    _patch_grid,
     _run_attention_only,
 )
 from ._rollout import check_rollout_args
@@ -83,8 +83,13 @@ class AttentionRollout(Attribution):
         self.residual_weight = float(residual_weight)
         self.start_layer = _check_layer_index(start_layer, self.adapter.num_layers, "start_layer")
 
-    def _rollout(self, x: Tensor, additional_forward_args: Any) -> tuple[Tensor, Any]:
+    def _rollout(
+        self, x: Tensor, additional_forward_args: Any, *, rows: bool
+    ) -> tuple[Tensor, TokenLayout]:
+        """``R`` ``(B, N, N)``, or with ``rows`` only its query-weighted row ``(B, N)``
+        (the last layer then multiplies its query rows only), and the layout."""
         adapter = self.adapter
+        last = adapter.num_layers - 1
         state: dict[str, Any] = {}
 
         def on_attention(layer: int, attn: Tensor) -> None:
@@ -93,16 +98,25 @@ class AttentionRollout(Attribution):
             product = _lazy_product(
                 state, adapter, x, attn, self.head_fusion, self.discard_ratio, self.residual_weight
             )
-            product.update(attn.detach())
+            if rows and layer == last:
+                weights = adapter._query_weights(state["layout"], attn.device)
+                state["rows"] = product.final_rows(
+                    attn.detach(), weights, product.protected, sliced=sliced
+                )
+            else:
+                product.update(attn.detach())
 
+        # without discarding, the last layer's query rows are all the product needs
+        sliced = rows and self.discard_ratio <= 0
         layout = _run_attention_only(
             adapter,
             x,
             _forward_args(additional_forward_args),
             on_attention=on_attention,
             first_layer=self.start_layer,
+            query_rows=sliced,
         )
-        result = state["product"].result
+        result = state["rows"] if rows else state["product"].result
         assert result is not None
         _check_finite(result, "AttentionRollout")
         return result, layout
@@ -119,7 +133,7 @@ class AttentionRollout(Attribution):
             Tensor: ``R`` of shape ``(B, N, N)``, float32, all tokens (prefix first).
         """
         x, _ = _unpack_inputs(inputs)
-        return self._rollout(x, additional_forward_args)[0]
+        return self._rollout(x, additional_forward_args, rows=False)[0]
 
     @log_usage
     def attribute(
@@ -146,6 +160,6 @@ class AttentionRollout(Attribution):
             upsampled, same in every channel) or ``(B, 1, gh, gw)``.
         """
         x, as_tuple = _unpack_inputs(inputs)
-        r, layout = self._rollout(x, additional_forward_args)
-        maps = _query_rows(r, self.adapter, layout)
+        r, layout = self._rollout(x, additional_forward_args, rows=True)
+        maps = _patch_grid(r, layout)
         return _format_output(maps, x, return_patch_grid=return_patch_grid, as_tuple=as_tuple)
