@@ -723,16 +723,16 @@ def _timm_rows_forward(
         ):
             return own(module, *args, **kwargs)
         b, n, _ = x.shape
-        heads, dim = int(module.num_heads), int(module.head_dim)
+        attn_module: Any = module
+        heads, dim = int(attn_module.num_heads), int(attn_module.head_dim)
         width = heads * dim
-        qkv: Any = module.qkv
-        weight, bias = qkv.weight, qkv.bias
+        weight, bias = attn_module.qkv.weight, attn_module.qkv.bias
         rows = rows_of(n).to(x.device)
         k = F.linear(x, weight[width : 2 * width], None if bias is None else bias[width : 2 * width])
         q = F.linear(x.index_select(1, rows), weight[:width], None if bias is None else bias[:width])
-        k = module.k_norm(k.view(b, n, heads, dim).transpose(1, 2))  # type: ignore[operator]
-        q = module.q_norm(q.view(b, -1, heads, dim).transpose(1, 2))  # type: ignore[operator]
-        attn = (q * module.scale) @ k.transpose(-2, -1)
+        k = attn_module.k_norm(k.view(b, n, heads, dim).transpose(1, 2))
+        q = attn_module.q_norm(q.view(b, -1, heads, dim).transpose(1, 2))
+        attn = (q * attn_module.scale) @ k.transpose(-2, -1)
         recorder.record_rows(layer, attn.softmax(dim=-1))  # raises StopForward
         raise AssertionError("unreachable: record_rows ends the forward pass")
 
