@@ -325,9 +325,11 @@ class ViTAdapter:
         """Raise ``ValueError`` for inputs this model cannot take (shape, size, NaN / Inf)."""
         self._check_shape(inputs)
         if inputs.is_floating_point() and inputs.numel():
-            lo, hi = torch.aminmax(inputs.detach())  # one pass; NaN propagates
-            if not bool(torch.isfinite(torch.stack((lo, hi))).all()):
-                raise ValueError("inputs contain NaN or Inf")
+            # one vectorised pass: a NaN or Inf makes the sum non-finite; only then (or
+            # when large finite values overflow it) look at every value
+            if not bool(torch.isfinite(inputs.detach().sum())):
+                if not bool(torch.isfinite(inputs.detach()).all()):
+                    raise ValueError("inputs contain NaN or Inf")
 
     def _check_shape(self, inputs: Tensor) -> None:
         if not isinstance(inputs, Tensor):
@@ -546,8 +548,11 @@ class ViTAdapter:
         if self._capture_kind != "timm":
             return False
         module = self.attention_modules[layer]
-        if "forward" in module.__dict__:  # replaced by the user or by an open capture
-            return False
+        with _LOCK:  # a consistent view of the forward slots of other threads
+            if "forward" in module.__dict__:  # replaced by the user, or by an open capture
+                slot = _SLOTS.get((id(module), "forward", ""))
+                if slot is None or slot.data is not False:  # the user's own forward
+                    return False
         return self._cached(("timm_rows", layer), lambda: _is_timm_attention(module))  # type: ignore[no-any-return]
 
     def _hf_switch(self) -> tuple[bool, list[Any]]:
@@ -915,7 +920,7 @@ def _thread_forward(
     """
 
     def install(slot: _Slot) -> Callable[[], None]:
-        had_own = "forward" in module.__dict__
+        had_own = slot.data = "forward" in module.__dict__
         previous = module.__dict__.get("forward")
         cls_forward = type(module).forward
 

@@ -271,6 +271,9 @@ ROLLOUT_SETTINGS: list[dict[str, Any]] = [
     {},
     {"head_fusion": "max", "discard_ratio": 0.9, "residual_weight": 0.0},
     {"head_fusion": "min", "discard_ratio": 0.5, "residual_weight": 0.3, "start_layer": 1},
+    # no discarding: attribute() reads only the query rows of the last layer
+    {"head_fusion": "max", "residual_weight": 0.0},
+    {"head_fusion": "min", "start_layer": -1},
 ]
 
 
@@ -345,6 +348,8 @@ METHODS: list[tuple[str, Callable[[nn.Module], Any]]] = [
     ("raw", lambda m: RawAttention(m)),
     ("raw0", lambda m: RawAttention(m, layer=0, head_fusion="max")),
     ("rollout", lambda m: AttentionRollout(m, head_fusion="max", discard_ratio=0.5)),
+    ("rollout_rows", lambda m: AttentionRollout(m)),
+    ("rollout_last", lambda m: AttentionRollout(m, start_layer=-1, head_fusion="min")),
     ("chefer", lambda m: GradientRollout(m)),
     ("grad_rollout", lambda m: GradientRollout(m, variant="rollout", discard_ratio=0.3)),
 ]

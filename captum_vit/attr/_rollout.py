@@ -56,27 +56,31 @@ def residual_normalize(fused: Tensor, residual_weight: float) -> Tensor:
     return mixed.div_(sums.masked_fill_(sums <= 0, 1.0))
 
 
-def _head_sum(a: Tensor) -> Tensor:
-    """``a.sum(dim=1)`` of ``(B, heads, ...)`` as a new tensor; with up to 4 heads a
-    chain of adds (one vectorised pass each; faster than the strided reduction)."""
+def _scaled_head_sum(a: Tensor, scale: Tensor) -> Tensor:
+    """``Σ_h a[:, h] · scale`` as a new tensor (``scale`` broadcasts against one head);
+    with up to 4 heads one multiply-add pass per head, else one reduction and one
+    multiplication (measured faster on each side of that)."""
     heads = a.shape[1]
-    if heads == 1 or heads > 4:
-        return a.sum(dim=1)
-    total = torch.add(a[:, 0], a[:, 1])
-    for h in range(2, heads):
-        total.add_(a[:, h])
+    if heads > 4:
+        return a.sum(dim=1).mul_(scale)
+    total = torch.mul(a[:, 0], scale)
+    for h in range(1, heads):
+        total.addcmul_(a[:, h], scale)
     return total
 
 
 class RolloutProduct:
     """Accumulates ``R = Ã_L · … · Ã_start`` one layer at a time (O(N²) memory).
 
-    Each layer after the first costs one fused matmul: with ``F`` the fused map and
-    ``D`` the row sums of ``(1 - w)·F + w·I``,
-    ``Ã R = D⁻¹ ((1 - w)·F R + w·R)`` (a ``baddbmm`` and one row scaling; the
-    identity is never built). For the mean without discarding, ``F`` is kept as the
-    sum over heads and ``1 / heads`` folded into the matmul's factor.
-    :meth:`final_rows` multiplies only the query rows of the last layer.
+    With ``B_l = (1 - w)·F_l + w·I`` and ``D_l`` its row sums (``1`` where a sum is
+    ``<= 0``), ``Ã_l = D_l⁻¹ B_l``. The product is kept with its rows unscaled,
+    ``M_l = D_l R_l``, so that ``M_l = (B_l D_{l-1}⁻¹) M_{l-1}``: per layer one pass
+    per head builds ``B_l D_{l-1}⁻¹`` (its columns scaled, ``w/D`` on the diagonal;
+    the identity is never built) and one matmul multiplies it on. ``M`` carries one
+    extra column holding ``D``: the matmul turns ``D_{l-1}`` into
+    ``B_l D_{l-1}⁻¹ D_{l-1} = B_l 1 = D_l``, so the row sums come for free. ``R`` is
+    formed only when read (:attr:`result`); :meth:`final_rows` multiplies only the
+    query rows of the last layer.
 
     Args:
         head_fusion (str): "mean", "max" or "min".
@@ -92,7 +96,31 @@ class RolloutProduct:
         self.discard_ratio = discard_ratio
         self.residual_weight = residual_weight
         self.protected = protected
-        self.result: Tensor | None = None
+        #: ``[M | D | 0]`` of the layers so far, ``(B, N, P)``: zero columns pad the
+        #: rows to a multiple of 16 floats (a faster matmul; they stay zero)
+        self._m: Tensor | None = None
+        self._result: Tensor | None = None
+        self._consts: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _constants(self, device: torch.device, heads: int) -> tuple[Tensor, Tensor]:
+        """0-dim tensors ``((1 - w) / heads or (1 - w), 0)`` (a Python number in a
+        tensor operation costs a conversion per call)."""
+        if device not in self._consts:
+            keep = 1.0 - self.residual_weight
+            if self.head_fusion == "mean" and self.discard_ratio <= 0:
+                keep /= heads
+            self._consts[device] = (
+                torch.tensor(keep, device=device), torch.tensor(0.0, device=device)
+            )
+        return self._consts[device]
+
+    @property
+    def result(self) -> Tensor | None:
+        """``R`` ``(B, N, N)`` float32 of the layers so far (``None`` before the first)."""
+        if self._result is None and self._m is not None:
+            n = self._m.shape[1]
+            self._result = self._m[..., :n] / self._m[..., n : n + 1]
+        return self._result
 
     def layer_matrix(self, per_head: Tensor) -> Tensor:
         """Steps 1-3 for one layer: fuse heads, discard, residual + row normalisation."""
@@ -103,45 +131,47 @@ class RolloutProduct:
         fused = discard_smallest(fused, self.discard_ratio, self.protected.to(fused.device))
         return residual_normalize(fused, self.residual_weight)
 
-    def _scaled_map(self, per_head: Tensor) -> tuple[Tensor, float]:
-        """``(M, c)`` with ``c·M = (1 - w)·F`` (``F`` fused and discarded); ``M`` is a
-        new float32 tensor ``(B, N, N)``."""
+    def _scaled(self, per_head: Tensor, col: Tensor) -> Tensor:
+        """``(1 - w)·F · col`` (``col`` ``(B, 1, N)`` scales the columns), a new float32
+        tensor ``(B, rows, N)`` (the rows of ``per_head``)."""
         a = per_head if per_head.dtype == torch.float32 else per_head.float()
-        keep = 1.0 - self.residual_weight
+        keep = self._constants(a.device, a.shape[1])[0]
         if self.head_fusion == "mean" and self.discard_ratio <= 0:
-            return _head_sum(a), keep / a.shape[1]
+            return _scaled_head_sum(a, torch.mul(col, keep))
         fused = discard_smallest(
             fuse_heads(a, self.head_fusion), self.discard_ratio, self.protected.to(a.device)
         )
-        return fused, keep
-
-    def _row_sums(self, m: Tensor, c: float) -> Tensor:
-        """Row sums ``(B, rows, 1)`` of ``c·M + w·I`` (the identity's rows in ``M``'s
-        rows), with ``1`` where a sum is ``<= 0`` (those rows stay as they are)."""
-        sums = m.sum(dim=-1, keepdim=True).mul_(c).add_(self.residual_weight)
-        return sums.masked_fill_(sums <= 0, 1.0)
+        return fused.mul_(torch.mul(col, keep))
 
     def update(self, per_head: Tensor) -> None:
         """Multiply the next layer's ``Ã_l`` (from per-head maps) onto the left of R."""
-        m, c = self._scaled_map(per_head)
+        b, _, _, n = per_head.shape
         w = self.residual_weight
-        if self.result is None:
-            m.mul_(c).diagonal(dim1=-2, dim2=-1).add_(w)
-            sums = m.sum(dim=-1, keepdim=True)
-            self.result = m.div_(sums.masked_fill_(sums <= 0, 1.0))
-            return
-        sums = self._row_sums(m, c)
-        self.result = torch.baddbmm(self.result, m, self.result, beta=w, alpha=c).div_(sums)
+        self._result = None
+        if self._m is None:
+            m = per_head.new_zeros((b, n, -(-(n + 1) // 16) * 16), dtype=torch.float32)
+            b_l = m[..., :n]
+            b_l.copy_(self._scaled(per_head, per_head.new_ones((b, 1, n), dtype=torch.float32)))
+            b_l.diagonal(dim1=-2, dim2=-1).add_(w)
+            torch.sum(b_l, dim=-1, out=m[..., n])
+        else:
+            prev = self._m
+            inv = prev[..., n].reciprocal()  # (B, N): D_{l-1}⁻¹
+            g = self._scaled(per_head, inv[:, None, :])
+            g.diagonal(dim1=-2, dim2=-1).add_(inv, alpha=w)
+            m = torch.bmm(g, prev)
+        d = m[..., n]
+        d.masked_fill_(d.le(self._constants(m.device, per_head.shape[1])[1]), 1.0)
+        self._m = m
 
     def final_rows(
         self, per_head: Tensor, weights: Tensor, rows: Tensor, *, sliced: bool = False
     ) -> Tensor:
         """``qᵀ Ã_l R`` for the last layer ``l``: the query-weighted row ``(B, N)``.
 
-        Only the query rows of ``Ã_l`` are formed: with ``v = q / D`` on those rows,
-        ``qᵀ Ã_l = (1 - w)·vᵀ F + w·v``, then one vector-matrix product with ``R``
-        (``R`` is the identity when ``l`` is the first layer). Leaves
-        :attr:`result` unchanged.
+        Only the query rows of ``Ã_l`` are formed: ``qᵀ Ã_l R_{l-1} =
+        ((qᵀ D_l⁻¹ B_l) ⊙ D_{l-1}⁻¹) M_{l-1}``, one vector-matrix product (``R`` is the
+        identity when ``l`` is the first layer). Leaves :attr:`result` unchanged.
 
         Args:
             per_head (Tensor): the last layer's maps ``(B, heads, N, N)``, or with
@@ -151,21 +181,27 @@ class RolloutProduct:
             rows (Tensor): indices of the nonzero ``weights``.
             sliced (bool, optional): ``per_head`` holds the rows only. Default: False
         """
+        b, n = per_head.shape[0], per_head.shape[-1]
         w = self.residual_weight
         rows = rows.to(per_head.device)
+        ones = per_head.new_ones((b, 1, n), dtype=torch.float32)
         if self.discard_ratio <= 0:
-            m, c = self._scaled_map(per_head if sliced else per_head.index_select(2, rows))
+            bl = self._scaled(per_head if sliced else per_head.index_select(2, rows), ones)
         else:
             if sliced:
                 raise ValueError("discarding ranks the whole map: pass all rows")
-            full, c = self._scaled_map(per_head)
-            m = full.index_select(1, rows)
-        v = self._row_sums(m, c).reciprocal_().mul_(weights.to(m.device)[rows, None])
-        u = torch.bmm(v.transpose(1, 2), m).mul_(c)  # (B, 1, N)
-        u[:, 0].index_add_(1, rows, v[..., 0], alpha=w)
-        if self.result is not None:
-            u = torch.bmm(u, self.result)
-        return u[:, 0]
+            bl = self._scaled(per_head, ones).index_select(1, rows)
+        # (B, k, N): the query rows of (1 - w)·F; their rows of B_l sum to d
+        d = bl.sum(dim=-1).add_(w)
+        d.masked_fill_(d <= 0, 1.0)
+        v = weights.to(bl.device)[rows] / d  # (B, k)
+        u = torch.bmm(v[:, None, :], bl)  # (B, 1, N)
+        u[:, 0].index_add_(1, rows, v, alpha=w)
+        if self._m is None:
+            return u[:, 0]
+        prev = self._m
+        u.div_(prev[:, None, :, n])
+        return torch.bmm(u, prev)[:, 0, :n]  # the whole (contiguous) rows: no copy
 
 
 def chefer_update(relevance: Tensor | None, attn: Tensor, grad: Tensor) -> Tensor:

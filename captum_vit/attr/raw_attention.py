@@ -16,6 +16,8 @@ from ._common import (
     _check_fusion,
     _check_layer_index,
     _format_output,
+    _patch_grid,
+    _query_indices,
     _query_rows,
     _run_attention_only,
 )
@@ -97,7 +99,7 @@ class RawAttention(Attribution):
         kept: dict[str, Tensor] = {}
 
         def on_attention(layer: int, attn: Tensor) -> None:
-            if layer == self.layer:
+            if layer == self.layer:  # its query rows only (B, heads, rows, N)
                 kept["fused"] = fuse_heads(attn.detach(), self.head_fusion)
 
         layout = _run_attention_only(
@@ -107,8 +109,12 @@ class RawAttention(Attribution):
             on_attention=on_attention,
             first_layer=self.layer,
             last_layer=self.layer,
+            query_rows=True,
         )
-        maps = _query_rows(kept["fused"], self.adapter, layout)
+        device = kept["fused"].device
+        rows = _query_indices(self.adapter, layout, device)
+        weights = self.adapter._query_weights(layout, device)[rows]
+        maps = _patch_grid(torch.einsum("k,bkn->bn", weights, kept["fused"]), layout)
         _check_finite(maps, "RawAttention")
         return _format_output(maps, x, return_patch_grid=return_patch_grid, as_tuple=as_tuple)
 
