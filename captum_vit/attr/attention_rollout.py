@@ -42,7 +42,10 @@ class AttentionRollout(Attribution):
     the patch columns. The product is accumulated as the forward pass goes, so only
     one layer's attention is alive at a time, and computed in float32; the forward
     pass stops right after the last attention layer (the rest of the last block and
-    the head cannot change the attention), which leaves ``R`` identical. Values are raw
+    the head cannot change the attention), which leaves ``R`` identical. Without
+    discarding, :meth:`attribute` needs only the query rows of the last layer: it
+    multiplies just those rows onto the product (timm models compute only those rows
+    of the last layer's scores), while :meth:`rollout` forms the whole ``R``. Values are raw
     (not normalised). Not class-specific: ``target`` is ignored.
 
     Args:
