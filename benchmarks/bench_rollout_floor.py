@@ -1,4 +1,4 @@
-"""Where AttentionRollout's time goes at batch 1 on the bundled DeiT-Tiny.
+"""Where AttentionRollout's time goes: bundled DeiT-Tiny at batch 1, or ViT-B/16 at batch 8.
 
 Paired, interleaved timings (order alternating per round; ratios are medians of
 per-round ratios to a plain fused forward pass, so load from other processes largely
@@ -17,8 +17,11 @@ multiplied as the forward pass goes must do (the first layer starts the product 
 the last layer multiplies only its query row). Run from the repository root::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_rollout_floor.py --rounds 60
+    OMP_NUM_THREADS=1 python benchmarks/bench_rollout_floor.py --model vit_b16 --batch 8 --rounds 5
 
-Writes ``benchmarks/results/rollout_floor.md``.
+Writes ``benchmarks/results/rollout_floor.md`` (``rollout_floor_vit_b16_b8.md``). Also
+times the unfused forward run to the end (what a rollout that does not stop early,
+e.g. torchxai's, pays).
 """
 
 from __future__ import annotations
@@ -77,8 +80,19 @@ def _entries(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object
     def attribute() -> object:
         return rollout.attribute(x, return_patch_grid=True)
 
+    def unfused_full() -> object:
+        for b in blocks:
+            b.attn.fused_attn = False  # type: ignore[union-attr]
+        try:
+            with torch.no_grad():
+                return model(x)
+        finally:
+            for b in blocks:
+                b.attn.fused_attn = True  # type: ignore[union-attr]
+
     return {
         "forward (fused, no grad)": forward,
+        "unfused forward, to the end": unfused_full,
         "unfused forward, stopped after the last softmax": unfused_stopped,
         "capture only (no product)": capture_only,
         "AttentionRollout.attribute": attribute,
@@ -88,11 +102,19 @@ def _entries(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], object
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--model", choices=("deit_tiny", "vit_b16"), default="deit_tiny")
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = load_default()[0]
+    if args.model == "deit_tiny":
+        model, label = load_default()[0], "bundled DeiT-Tiny"
+    else:
+        import timm
+
+        torch.manual_seed(0)
+        model, label = timm.create_model("vit_base_patch16_224", pretrained=False), "timm ViT-B/16 (random weights)"
     model.eval()
-    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     entries = _entries(model, x)
     names = list(entries)
     for fn in entries.values():
@@ -107,8 +129,8 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     base = times[names[0]]
     n_tok, layers = 197, len(list(model.blocks))  # type: ignore[arg-type]
-    a = torch.rand(1, n_tok, n_tok)
-    m = torch.rand(1, n_tok, -(-(n_tok + 1) // 16) * 16)
+    a = torch.rand(args.batch, n_tok, n_tok)
+    m = torch.rand(args.batch, n_tok, -(-(n_tok + 1) // 16) * 16)
 
     def products() -> None:
         for _ in range(layers - 2):
@@ -120,10 +142,11 @@ def main() -> None:
     )
     fwd_s = statistics.median(base)
     lines = [
-        "# AttentionRollout at batch 1 on DeiT-Tiny: where the time goes",
+        f"# AttentionRollout on {label}, batch {args.batch}: where the time goes",
         "",
-        f"Produced by `OMP_NUM_THREADS=1 python benchmarks/bench_rollout_floor.py --rounds {args.rounds}`; "
-        f"bundled DeiT-Tiny, one 224x224 input, CPU, 1 torch thread, 1-minute load average "
+        f"Produced by `OMP_NUM_THREADS=1 python benchmarks/bench_rollout_floor.py --model {args.model} "
+        f"--batch {args.batch} --rounds {args.rounds}`; "
+        f"{label}, {args.batch} x 224x224 input, CPU, 1 torch thread, 1-minute load average "
         f"{load_before:.1f} before and {load_after:.1f} after (another process used the "
         "other core). Ratio = median over rounds of (entry / fused forward), paired.",
         "",
@@ -142,7 +165,8 @@ def main() -> None:
         "cost is the per-layer head fusion / scaling passes and the capture.",
         "",
     ]
-    out = ROOT / "benchmarks" / "results" / "rollout_floor.md"
+    stem = "rollout_floor" if args.model == "deit_tiny" and args.batch == 1 else f"rollout_floor_{args.model}_b{args.batch}"
+    out = ROOT / "benchmarks" / "results" / f"{stem}.md"
     out.write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -78,6 +78,21 @@ def test_nan_and_inf_input(deit: tuple[nn.Module, int], bad: float) -> None:
             method.attribute(x)
 
 
+def test_finite_inputs_whose_sum_overflows_are_accepted(deit: tuple[nn.Module, int]) -> None:
+    """The finiteness check sums the inputs once; a sum that overflows although every
+    value is finite must not be reported as NaN / Inf."""
+    model, size = deit
+    adapter = RawAttention(model).adapter
+    big = torch.full((1, 3, size, size), 3e38)
+    assert not torch.isfinite(big.sum())
+    adapter.check_inputs(big)
+    half = torch.full((1, 3, size, size), 60000.0, dtype=torch.float16)
+    adapter.check_inputs(half)  # the float16 sum overflows at 65504
+    half[0, 1, 2, 2] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        adapter.check_inputs(half)
+
+
 def test_malformed_inputs(deit: tuple[nn.Module, int]) -> None:
     model, size = deit
     ro = AttentionRollout(model)
