@@ -734,7 +734,11 @@ def _timm_rows_forward(
         weight, bias = attn_module.qkv.weight, attn_module.qkv.bias
         rows = rows_of(n).to(x.device)
         k = F.linear(x, weight[width : 2 * width], None if bias is None else bias[width : 2 * width])
-        q = F.linear(x.index_select(1, rows), weight[:width], None if bias is None else bias[:width])
+        # one small matmul per sample (a linear over all samples' few rows at once picks
+        # its kernel by the row count, so a sample's result would depend on the batch)
+        q = torch.bmm(x.index_select(1, rows), weight[:width].t().expand(b, -1, -1))
+        if bias is not None:
+            q = q + bias[:width]
         k = attn_module.k_norm(k.view(b, n, heads, dim).transpose(1, 2))
         q = attn_module.q_norm(q.view(b, -1, heads, dim).transpose(1, 2))
         attn = (q * attn_module.scale) @ k.transpose(-2, -1)

@@ -192,3 +192,19 @@ def test_attribute_is_the_query_row_of_rollout(name: str, kw: dict[str, object])
     weights = ro.adapter.query_weights(layout)
     want = torch.einsum("n,bnm->bm", weights, r)[:, layout.num_prefix_tokens :].reshape(2, 1, *layout.grid)
     torch.testing.assert_close(ro.attribute(x, return_patch_grid=True), want, atol=1e-6, rtol=1e-5)
+
+
+def test_timm_rows_forward_is_batch_invariant() -> None:
+    """A sample's query rows do not depend on the other samples of its batch (the
+    evaluation tables compare per-batch maps with maps of the whole set)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, size = make_model("timm_deit_distilled")
+        x = torch.randn(9, 3, size, size, generator=torch.Generator().manual_seed(3))
+        ro = AttentionRollout(model)
+        whole = ro.attribute(x, return_patch_grid=True)
+        parts = torch.cat([ro.attribute(x[i : i + 3], return_patch_grid=True) for i in range(0, 9, 3)])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(whole, parts)
