@@ -147,8 +147,7 @@ def main() -> None:
         f"Produced by `OMP_NUM_THREADS=1 python benchmarks/bench_rollout_floor.py --model {args.model} "
         f"--batch {args.batch} --rounds {args.rounds}`; "
         f"{label}, {args.batch} x 224x224 input, CPU, 1 torch thread, 1-minute load average "
-        f"{load_before:.1f} before and {load_after:.1f} after (another process used the "
-        "other core). Ratio = median over rounds of (entry / fused forward), paired.",
+        f"{load_before:.1f} before and {load_after:.1f} after on {os.cpu_count()} cores. Ratio = median over rounds of (entry / fused forward), paired.",
         "",
         "| entry | median s | cost in fused forwards (median paired ratio) |",
         "|---|---|---|",
