@@ -1129,6 +1129,26 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
     return a is b or (a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b)))
 
 
+def _mha_in_projection(mha: nn.MultiheadAttention, query: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v ``(B, heads, N, head_dim)`` of a packed ``nn.MultiheadAttention``'s
+    self-attention call on ``query`` (its layout per ``batch_first``)."""
+    x = query if mha.batch_first else query.transpose(0, 1)
+    b, n, d = x.shape
+    h = mha.num_heads
+    in_w = mha.in_proj_weight
+    assert isinstance(in_w, Tensor)
+    q, k, v = F.linear(x, in_w, mha.in_proj_bias).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+def _mha_out_projection(mha: nn.MultiheadAttention, heads_out: Tensor) -> Tensor:
+    """The output projection of per-head outputs ``(B, heads, N, head_dim)``, in the
+    module's layout (``batch_first`` or not)."""
+    b, h, n, dh = heads_out.shape
+    out = mha.out_proj(heads_out.transpose(1, 2).reshape(b, n, h * dh))
+    return out if mha.batch_first else out.transpose(0, 1)
+
+
 def _torchvision_mha_patch(
     mha: nn.Module, fn: Callable[[Tensor], None], layer: int = 0
 ) -> contextlib.AbstractContextManager[_Slot]:
@@ -1156,21 +1176,12 @@ def _torchvision_mha_patch(
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         _check_self_attention_call(layer, query, key, value, key_padding_mask, attn_mask, is_causal)
-        x = query if mha.batch_first else query.transpose(0, 1)
-        b, n, d = x.shape
-        h = mha.num_heads
-        in_w = mha.in_proj_weight
-        assert isinstance(in_w, Tensor)
-        qkv = F.linear(x, in_w, mha.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        attn = (q * (d // h) ** -0.5) @ k.transpose(-2, -1)
+        q, k, v = _mha_in_projection(mha, query)
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         attn = attn.softmax(dim=-1)
         attn = F.dropout(attn, p=mha.dropout, training=mha.training)
         fn(attn)
-        out = (attn @ v).transpose(1, 2).reshape(b, n, d)
-        out = mha.out_proj(out)
-        if not mha.batch_first:
-            out = out.transpose(0, 1)
+        out = _mha_out_projection(mha, attn @ v)
         weights = (attn.mean(1) if average_attn_weights else attn) if need_weights else None
         return out, weights
 
@@ -1522,19 +1533,13 @@ def _torchvision_sdpa_forward(
         average_attn_weights: bool = True, is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         _check_self_attention_call(layer, query, key, value, key_padding_mask, attn_mask, is_causal)
-        x = query if mha.batch_first else query.transpose(0, 1)
-        b, n, d = x.shape
-        h = mha.num_heads
-        in_w = mha.in_proj_weight
-        assert isinstance(in_w, Tensor)
-        q, k, v = F.linear(x, in_w, mha.in_proj_bias).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        q, k, v = _mha_in_projection(mha, query)
         p = mha.dropout if mha.training else 0.0
-        out = stream.sdpa(layer, F.scaled_dot_product_attention, (q, k, v), {"dropout_p": p})
-        out = mha.out_proj(out.transpose(1, 2).reshape(b, n, d))
-        if not mha.batch_first:
-            out = out.transpose(0, 1)
+        out = _mha_out_projection(
+            mha, stream.sdpa(layer, F.scaled_dot_product_attention, (q, k, v), {"dropout_p": p})
+        )
         if need_weights:
-            weights = _probabilities(q, k, float((d // h) ** -0.5), None)
+            weights = _probabilities(q, k, float(q.shape[-1] ** -0.5), None)
             return out, (weights.mean(1) if average_attn_weights else weights)
         return out, None
 
