@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -312,11 +312,15 @@ class _Plan:
     block_linears: list[nn.Module]  # MLP linears inside blocks
     outer_linears: list[nn.Module]  # linears / convolutions outside the blocks
     attention_linears: list[nn.Module]  # q / k / v and output projections (module calls)
-    skipped: set[int] = field(default_factory=set)
 
 
 def plan(adapter: ViTAdapter) -> _Plan:
-    """Find where every rule acts in ``adapter``'s model (raises for unknown parts)."""
+    """Where every rule acts in ``adapter``'s model (raises for unknown parts); found
+    once per adapter and cached on it (read only)."""
+    return adapter._cached(("lrp_plan",), lambda: _make_plan(adapter))  # type: ignore[no-any-return]
+
+
+def _make_plan(adapter: ViTAdapter) -> _Plan:
     model = adapter.model
     blocks = adapter.blocks or _find_blocks(model, adapter.attention_modules)
     if blocks is None or len(blocks) != adapter.num_layers:
