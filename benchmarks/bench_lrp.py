@@ -110,16 +110,12 @@ def pixel_zero_auc(
     scores = grid.reshape(grid.shape[0], -1).float()
     masks = removal_masks(scores, DEFAULT_FRACTIONS, order)  # (F, B, P)
     gh, gw = grid.shape[-2:]
-    curve = []
-    with torch.no_grad():
-        for m in masks:
-            if not m.any():
-                curve.append((clean == labels).float())
-                continue
-            pix = m.reshape(-1, 1, gh, gw).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
-            xs = x.masked_fill(pix, 0.0)
-            curve.append((model(xs).argmax(1) == labels).float())
-    return trapezoid_auc(torch.stack(curve, 1), DEFAULT_FRACTIONS)
+
+    def perturb(m: Tensor) -> Tensor:
+        pix = m.reshape(-1, 1, gh, gw).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+        return x.masked_fill(pix, 0.0)
+
+    return _accuracy_auc(model, masks, perturb, labels, clean)
 
 
 def pixel_black_auc(
@@ -132,15 +128,25 @@ def pixel_black_auc(
     in the normalised input."""
     scores = F.interpolate(grid.float(), scale_factor=patch, mode="bilinear").reshape(grid.shape[0], -1)
     masks = removal_masks(scores, DEFAULT_FRACTIONS, order)  # (F, B, H*W)
+
+    def perturb(m: Tensor) -> Tensor:
+        return torch.where(m.reshape(x.shape[0], 1, *x.shape[-2:]), black.view(1, -1, 1, 1), x)
+
+    return _accuracy_auc(model, masks, perturb, labels, clean)
+
+
+def _accuracy_auc(
+    model: nn.Module, masks: Tensor, perturb: Callable[[Tensor], Tensor], labels: Tensor, clean: Tensor
+) -> Tensor:
+    """AUC over ``DEFAULT_FRACTIONS`` of top-1 accuracy of ``model(perturb(mask))`` for
+    each removal mask (an empty mask reuses the clean predictions)."""
     curve = []
     with torch.no_grad():
         for m in masks:
             if not m.any():
                 curve.append((clean == labels).float())
                 continue
-            pix = m.reshape(x.shape[0], 1, *x.shape[-2:])
-            xs = torch.where(pix, black.view(1, -1, 1, 1), x)
-            curve.append((model(xs).argmax(1) == labels).float())
+            curve.append((model(perturb(m)).argmax(1) == labels).float())
     return trapezoid_auc(torch.stack(curve, 1), DEFAULT_FRACTIONS)
 
 
@@ -374,6 +380,23 @@ def write_summary(split: str, seconds: float, command: str, append: bool = False
     print(text)
 
 
+def paired_times(plain: Callable[[], Any], fn: Callable[[], Any], repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``plain()`` and of ``fn()`` run back to back ``repeats`` times, after
+    one warm-up call of each (``(plain times, fn times)``, paired by index)."""
+    plain()
+    fn()
+    base, mine = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plain()
+        t1 = time.perf_counter()
+        fn()
+        t2 = time.perf_counter()
+        base.append(t1 - t0)
+        mine.append(t2 - t1)
+    return base, mine
+
+
 def speed(repeats: int) -> None:
     """AttnLRP (defaults) vs a plain forward + input-gradient backward, batch 8, paired."""
     torch.set_num_threads(1)
@@ -392,18 +415,8 @@ def speed(repeats: int) -> None:
     def ours() -> None:
         lrp.attribute(x, return_patch_grid=True)
 
-    plain()
-    ours()
-    ratios, base, mine = [], [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        plain()
-        t1 = time.perf_counter()
-        ours()
-        t2 = time.perf_counter()
-        base.append(t1 - t0)
-        mine.append(t2 - t1)
-        ratios.append((t2 - t1) / (t1 - t0))
+    base, mine = paired_times(plain, ours, repeats)
+    ratios = [m / b for m, b in zip(mine, base, strict=True)]
     text = "\n".join(
         [
             "# AttnLRP cost on DeiT-Tiny (batch 8, 224x224, CPU, 1 thread)",
@@ -421,7 +434,7 @@ def speed(repeats: int) -> None:
             "",
             f"Median of {repeats} paired ratios: **{statistics.median(ratios):.2f}x** "
             f"(ratio of minima {min(mine) / min(base):.2f}x). 1-minute load average at the end: "
-            f"{os.getloadavg()[0]:.2f} on 2 cores (another job on the other core; the ratio is paired).",
+            f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (the ratio is paired).",
             "",
         ]
     )

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -27,6 +26,8 @@ import torchvision
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench_lrp import paired_times  # noqa: E402
 
 from captum_vit import AttnLRP  # noqa: E402
 
@@ -58,22 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     def ours() -> torch.Tensor:
         return lrp.attribute(x, target=target).sum(1)
 
-    def timed(fn: object, repeats: int) -> tuple[list[float], list[float]]:
-        assert callable(fn)
-        fn()
-        plain()
-        base, mine = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            plain()
-            t1 = time.perf_counter()
-            fn()
-            t2 = time.perf_counter()
-            base.append(t1 - t0)
-            mine.append(t2 - t1)
-        return base, mine
-
-    base_ours, t_ours = timed(ours, a.repeats)
+    base_ours, t_ours = paired_times(plain, ours, a.repeats)
     map_ours = ours()
 
     # lxt: its LLM modules fail to import under transformers 5; stub them (unused here).
@@ -103,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # plain() after the patch runs lxt's LayerNorm / GELU / MHA forwards: still one
     # forward + backward of the same model, so the ratios stay comparable.
-    base_lxt, t_lxt = timed(theirs, a.repeats)
+    base_lxt, t_lxt = paired_times(plain, theirs, a.repeats)
     map_lxt = theirs()
     diff = float((map_ours - map_lxt).abs().max() / map_lxt.abs().max())
     r_ours = [m / b for m, b in zip(t_ours, base_ours, strict=True)]
