@@ -93,6 +93,8 @@ class AttentionRollout(Attribution):
         (the last layer then multiplies its query rows only), and the layout."""
         adapter = self.adapter
         last = adapter.num_layers - 1
+        # without discarding, the last layer's query rows are all the product needs
+        sliced = rows and self.discard_ratio <= 0
         state: dict[str, Any] = {}
 
         def on_attention(layer: int, attn: Tensor) -> None:
@@ -109,8 +111,6 @@ class AttentionRollout(Attribution):
             else:
                 product.update(attn.detach())
 
-        # without discarding, the last layer's query rows are all the product needs
-        sliced = rows and self.discard_ratio <= 0
         layout = _run_attention_only(
             adapter,
             x,
