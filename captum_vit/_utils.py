@@ -1,8 +1,9 @@
 """The private floor of captum_vit: small helpers shared across modules.
 
-Everything here depends only on torch (no other captum_vit module), so any module may
-import it: Captum-style input / target / forward-argument handling, per-sample
-argument slicing and repetition, and splitting a data-loader batch.
+Everything here depends only on torch and numpy (no other captum_vit module), so any
+module may import it: Captum-style input / target / forward-argument handling (numpy
+images and targets accepted), per-sample argument slicing and repetition, and splitting
+a data-loader batch.
 """
 
 from __future__ import annotations
@@ -11,26 +12,43 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__: list[str] = []
 
-TargetType = int | Sequence[int] | Tensor | None
+TargetType = int | Sequence[int] | Tensor | np.ndarray | None
 
 
-def _unpack_inputs(inputs: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, bool]:
-    """Accept a tensor or a 1-tuple (Captum style); return (tensor, was_tuple)."""
+def _unpack_inputs(inputs: Tensor | np.ndarray | tuple[Tensor | np.ndarray, ...]) -> tuple[Tensor, bool]:
+    """Accept a tensor or a 1-tuple (Captum style); return (tensor, was_tuple).
+
+    A numpy array (as Quantus and scikit-style callers pass) is taken as that tensor on
+    the CPU: float32 / float16 keep their dtype, float64 (numpy's default) becomes
+    float32 (the dtype of the models' weights); other dtypes are refused. The result
+    is a tensor, as for tensor inputs.
+    """
     if isinstance(inputs, tuple):
-        if len(inputs) != 1 or not isinstance(inputs[0], Tensor):
+        if len(inputs) != 1 or not isinstance(inputs[0], (Tensor, np.ndarray)):
             raise ValueError(
                 "captum_vit methods explain one image tensor: pass a tensor (B, C, H, W) or a "
                 f"1-tuple of it, got a tuple of {len(inputs)} item(s)"
             )
-        return inputs[0], True
-    if not isinstance(inputs, Tensor):
+        return _as_input_tensor(inputs[0]), True
+    if not isinstance(inputs, (Tensor, np.ndarray)):
         raise TypeError(f"inputs must be a tensor (B, C, H, W), got {type(inputs).__name__}")
-    return inputs, False
+    return _as_input_tensor(inputs), False
+
+
+def _as_input_tensor(inputs: Tensor | np.ndarray) -> Tensor:
+    if isinstance(inputs, Tensor):
+        return inputs
+    if inputs.dtype == np.float64:
+        inputs = inputs.astype(np.float32)
+    elif inputs.dtype not in (np.float32, np.float16):
+        raise TypeError(f"numpy inputs must be floating point images (B, C, H, W), got dtype {inputs.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(inputs))
 
 
 def _forward_args(additional_forward_args: Any) -> tuple[Any, ...]:
@@ -44,7 +62,8 @@ def _forward_args(additional_forward_args: Any) -> tuple[Any, ...]:
 def _resolve_target(target: TargetType, scores: Tensor) -> Tensor:
     """Captum-style target -> LongTensor (B,), validated against ``scores`` (B, C).
 
-    ``None`` picks each sample's highest score (the predicted class).
+    ``None`` picks each sample's highest score (the predicted class); a numpy integer
+    array is taken like an integer tensor.
     """
     if scores.ndim != 2:
         raise ValueError(
@@ -55,6 +74,10 @@ def _resolve_target(target: TargetType, scores: Tensor) -> Tensor:
         return scores.detach().argmax(dim=1)
     if isinstance(target, bool):
         raise TypeError("target must be an int, a list of ints or a tensor, not bool")
+    if isinstance(target, np.ndarray):  # numpy targets take the tensor path
+        if target.dtype == np.bool_:
+            raise TypeError("target array must hold integers, not bool")
+        target = torch.from_numpy(np.ascontiguousarray(target))
     if isinstance(target, numbers.Integral):  # int, numpy integers
         t = torch.full((batch,), int(target), dtype=torch.long, device=scores.device)
     elif isinstance(target, Tensor):

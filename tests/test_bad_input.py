@@ -210,6 +210,32 @@ def test_numpy_integer_targets_are_accepted(deit: tuple[nn.Module, int]) -> None
         gr.attribute(x, target=np.int64(9))
 
 
+
+def test_numpy_images_and_targets_equal_tensors(deit: tuple[nn.Module, int]) -> None:
+    import numpy as np
+
+    from captum_vit import AttnLRP, PatchOcclusion, ViTGradCam
+
+    model, size = deit
+    x = torch.randn(2, 3, size, size)
+    for method in (AttentionRollout(model), GradientRollout(model), RawAttention(model),
+                   AttnLRP(model), ViTGradCam(model), PatchOcclusion(model)):
+        expected = method.attribute(x, target=[3, 1])
+        got = method.attribute(x.numpy(), target=np.array([3, 1]))
+        assert isinstance(got, Tensor), type(method).__name__
+        torch.testing.assert_close(got, expected, msg=type(method).__name__)
+    gr = GradientRollout(model)
+    # numpy's default float64 is taken as float32; a 1-tuple in gives a 1-tuple out
+    out = gr.attribute((x.numpy().astype(np.float64),), target=np.int64(3))
+    assert isinstance(out, tuple) and out[0].dtype == torch.float32
+    torch.testing.assert_close(out[0], gr.attribute(x, target=3))
+    with pytest.raises(TypeError, match="floating point"):
+        gr.attribute((x.numpy() * 255).astype(np.uint8))
+    with pytest.raises(TypeError, match="integers"):
+        gr.attribute(x.numpy(), target=np.array([3.0, 1.0]))
+    with pytest.raises(ValueError, match="out of range"):
+        gr.attribute(x.numpy(), target=np.array([3, 9]))
+
 class _MHAModel(nn.Module):
     def __init__(self, **kw: object) -> None:
         super().__init__()
