@@ -9,6 +9,14 @@ The data is split by batch (rank ``r`` takes batches ``r, r + W, …`` of a fixe
 batching), every rank appends its rows to its own shard in ``--out``, and rank 0
 writes the summary from the rows of every shard when all ranks are done. ``--out``
 must therefore be on a file system every rank sees (as usual for ``torchrun`` jobs).
+
+``--format parquet`` (needs ``pyarrow``, checked before any work: exit 2 without it)
+keeps the CSV shards as the per-batch journal that ``--resume`` reads and makes every
+rank, once its part is done, also write its rows as typed Parquet,
+``OUT/rows.parquet/part-RRRRR.parquet`` (and ``OUT/errors.parquet/``), atomically;
+``pandas.read_parquet("OUT/rows.parquet")`` gives every rank's rows as one frame. A run
+started with ``--format parquet`` is resumed with it (otherwise exit 2), so the parts
+never lag behind the journal.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import Any
 import torch
 
 from ._eval_data import EvalDataError, EvalDataset, collate, read_class_file
-from ._eval_io import read_shards
+from ._eval_io import parquet_files, read_shards, require_pyarrow
 from .registry import available_methods
 
 __all__ = ["EvalUsageError", "bench_main", "eval_main", "launch"]
@@ -85,6 +93,7 @@ class RunSpec:
     show_progress: bool = True
     timeout_s: int = 86400
     header: str = ""
+    row_format: str = "csv"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -207,10 +216,21 @@ def _check_methods(spec: RunSpec) -> None:
 
 
 def _check_out(spec: RunSpec) -> None:
-    """A fresh run needs an empty --out; --resume needs the same settings."""
+    """A fresh run needs an empty --out; --resume needs the same settings; --format
+    parquet needs pyarrow, and a run with Parquet parts needs --format parquet."""
     out = Path(spec.rows_dir)
     if out.exists() and not out.is_dir():
         raise EvalUsageError(f"--out {out} exists and is not a folder")
+    if spec.row_format == "parquet":
+        try:
+            require_pyarrow("--format parquet")
+        except ImportError as err:
+            raise EvalUsageError(str(err)) from err
+    elif out.is_dir() and parquet_files(out):
+        raise EvalUsageError(
+            f"{out} holds the Parquet rows (rows.parquet/) of a --format parquet run: continue it with "
+            "--format parquet, so they stay complete"
+        )
     has_rows = out.is_dir() and bool(read_shards(out))
     cfg = out / _CONFIG
     if not spec.resume:
@@ -277,7 +297,7 @@ def run(spec: RunSpec) -> int:
             evaluate(
                 model, loader, spec.methods, perturbation=src.perturbation, masks=src.masks is not None,
                 replacement=spec.replacement, metric=spec.metric, method_options=options, device=device,
-                out=out, resume=True, shard=False, show_progress=spec.show_progress,
+                out=out, resume=True, row_format=spec.row_format, shard=False, show_progress=spec.show_progress,
                 total=sum(len(b) for b in todo),
             )
         elapsed = time.perf_counter() - t0
@@ -314,7 +334,8 @@ def run(spec: RunSpec) -> int:
                 print(f"skipped {len(table.errors)} image(s); reasons in {out}/errors-*.csv", file=sys.stderr)
             if spec.compare:
                 print(cmp_md, end="")
-            print(f"wrote {stem}.csv, {stem}.md and the per-image rows in {out}")
+            parquet = f" (Parquet: {out / 'rows.parquet'})" if spec.row_format == "parquet" else ""
+            print(f"wrote {stem}.csv, {stem}.md and the per-image rows in {out}{parquet}")
     finally:
         import torch.distributed as dist
 
@@ -403,7 +424,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog="captum-vit eval",
         description="Evaluate attribution methods for a ViT on an image folder: per-image rows "
-        "(one CSV shard per process, written as it goes), a summary with bootstrap 95%% intervals "
+        "(one CSV shard per process, written as it goes; with --format parquet also typed Parquet "
+        "parts, OUT/rows.parquet/), a summary with bootstrap 95%% intervals "
         "and an optional paired comparison. Runs unchanged under torchrun.",
         epilog="Data: DIR/labels.csv (file,class_index), DIR/index.csv (image[,mask]), an ImageFolder "
         "tree, or a flat folder of images. Masks: N_mask.png / STEM.png / STEM_mask.png. "
@@ -417,6 +439,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", required=True, metavar="METHOD", help="registry names (space or comma separated)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the row shards and the summary")
     p.add_argument("--resume", action="store_true", help="continue the run in --out, skipping images already done")
+    p.add_argument("--format", dest="row_format", default="csv", choices=("csv", "parquet"),
+                   help="per-image rows: csv (the shards only) or parquet (also OUT/rows.parquet/, typed, "
+                   "written when each process is done; needs pyarrow) (default: csv)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None, help="paired difference A - B with its interval")
     p.add_argument("--no-perturbation", dest="perturbation", action="store_false", help="skip the perturbation AUCs")
     p.add_argument("--replacement", default="zero", choices=("zero", "mean", "drop"), help="token removal in the perturbation test (default: zero)")
@@ -497,7 +522,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             replacement=args.replacement, metric=args.metric, batch_size=args.batch_size,
             rows_dir=args.out, summary_stem=str(Path(args.out) / "summary"), compare=args.compare,
             n_boot=args.n_boot, seed=args.seed, resume=args.resume, device=args.device, threads=args.threads,
-            workers=args.workers, show_progress=args.progress, timeout_s=args.timeout,
+            workers=args.workers, show_progress=args.progress, timeout_s=args.timeout, row_format=args.row_format,
             header=f"Command: `{_typed_command('captum-vit eval ' + ' '.join(args_list))}`\n\n",
         )
         return start(spec, args.nproc, "eval", args_list)
@@ -540,6 +565,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="benchmarks/results", help="folder for CSV / Markdown")
     p.add_argument("--name", default=None, help="file stem (default: eval_deit_tiny / speed_deit_tiny)")
     p.add_argument("--resume", action="store_true", help="--eval: continue the run whose rows are in OUT/NAME_rows")
+    p.add_argument("--format", dest="row_format", default="csv", choices=("csv", "parquet"),
+                   help="--eval: per-image rows as csv shards only, or also parquet (OUT/NAME_rows/rows.parquet/)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None, help="--eval: paired difference A - B")
     p.add_argument("--n-boot", type=int, default=2000, help="--eval: bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="--eval: bootstrap and random-baseline seed")
@@ -588,7 +615,7 @@ def _eval_spec(args: argparse.Namespace, command: str) -> Any:
         replacement=args.replacement, metric=args.metric, batch_size=args.batch_size,
         rows_dir=str(out / f"{stem}_rows"), summary_stem=str(out / stem), compare=args.compare,
         n_boot=args.n_boot, seed=args.seed, resume=args.resume, device=args.device, threads=args.threads,
-        show_progress=not args.no_progress,
+        show_progress=not args.no_progress, row_format=args.row_format,
         header=(
             "Evaluation of captum_vit methods on the bundled DeiT-Tiny: perturbation AUCs on the "
             "ImageNet sample, segmentation / pointing / FAF / BAF on the VOC images with masks.\n\n"

@@ -7,6 +7,28 @@ at most one torn last line. Readers drop a torn last line; the owner cuts it off
 before appending again. The files are plain CSV (``csv`` module), readable with
 ``pandas.read_csv``; an empty cell is a missing value (NaN).
 
+Parquet (``row_format="parquet"``, ``--format parquet``; needs ``pyarrow``, the
+``parquet`` extra): the CSV shards stay the journal that is appended per batch and
+that a resumed run reads, and when a process has finished its part it also writes the
+complete, de-duplicated rows of its shards as typed Parquet parts,
+``rows.parquet/part-RRRRR.parquet`` and ``errors.parquet/part-RRRRR.parquet``
+(:func:`write_parquet_parts`). Each part is written to a temporary dot-file, flushed
+to disk and renamed over the old one, so a part is always whole: the one of the last
+finished run, or absent; a killed run loses nothing (its rows are in the journal) and
+the resumed run rewrites the parts. The parts sit in their own folders because
+``pandas.read_parquet(FOLDER)`` reads every file of a folder (it would choke on the
+CSV shards beside them); so::
+
+    rows = pandas.read_parquet("OUT/rows.parquet")       # every rank's rows, one frame
+    errors = pandas.read_parquet("OUT/errors.parquet")
+    one = pandas.read_parquet("OUT/rows.parquet/part-00000.parquet")
+
+Integer columns are ``int64``, metrics ``float64`` (a value that was not measured is
+null, NaN in pandas), ids, method names and reasons strings: the same numbers as the
+CSV shards (floats are written there with ``repr``, which round-trips exactly), with
+the dtypes the CSV reader has to guess (``pandas.read_csv`` reads an image id ``0001``
+as the integer 1).
+
 :func:`bootstrap_ci` and :func:`paired_bootstrap` give seeded percentile bootstrap
 confidence intervals of a mean and of a paired mean difference.
 """
@@ -19,23 +41,34 @@ import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 __all__ = [
     "ERROR_COLUMNS",
+    "ERROR_TYPES",
+    "ColumnType",
     "ShardWriter",
     "bootstrap_ci",
     "error_shard",
     "paired_bootstrap",
+    "parquet_files",
+    "parquet_part",
+    "read_parquet",
     "read_shards",
+    "require_pyarrow",
     "row_shard",
     "shard_files",
+    "write_parquet_parts",
 ]
 
+#: The type of a column in the Parquet parts: ``int64``, ``float64`` or string.
+ColumnType = Literal["int", "float", "str"]
 #: Columns of an error shard.
 ERROR_COLUMNS: tuple[str, ...] = ("image_id", "reason")
+#: Parquet types of the error columns.
+ERROR_TYPES: dict[str, ColumnType] = {"image_id": "str", "reason": "str"}
 
 _ROWS_GLOB = "rows-*.csv"
 _ERRORS_GLOB = "errors-*.csv"
@@ -165,6 +198,147 @@ class ShardWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------- Parquet
+_PARQUET_HINT = "pip install 'captum-vit[parquet]' (or pip install pyarrow)"
+
+
+def require_pyarrow(what: str = "row_format='parquet'") -> None:
+    """Raise a one-line :class:`ImportError` now when ``pyarrow`` is missing.
+
+    Args:
+        what (str, optional): what needs it, for the message.
+            Default: "row_format='parquet'"
+    """
+    try:
+        import pyarrow.parquet  # noqa: F401  (imports pyarrow too)
+    except ImportError as err:
+        raise ImportError(f"{what} needs pyarrow, which is not installed: {_PARQUET_HINT}") from err
+
+
+def parquet_part(out: str | os.PathLike[str], rank: int, kind: str = "rows") -> Path:
+    """The Parquet part of shard ``rank``: ``out/rows.parquet/part-RRRRR.parquet``
+    (``errors.parquet/...`` for ``kind="errors"``)."""
+    return Path(out) / f"{kind}.parquet" / f"part-{rank:05d}.parquet"
+
+
+def parquet_files(out: str | os.PathLike[str], kind: str = "rows") -> list[Path]:
+    """The Parquet parts of ``kind`` (``"rows"`` or ``"errors"``) in ``out``, sorted."""
+    return sorted((Path(out) / f"{kind}.parquet").glob("part-*.parquet"))
+
+
+def _typed(value: str, kind: ColumnType) -> Any:
+    if kind == "str":
+        return value
+    if value == "":
+        return None
+    if kind == "int":
+        return int(value)
+    v = float(value)
+    return None if math.isnan(v) else v
+
+
+def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_parquet(path: Path, rows: Sequence[Mapping[str, str]], types: Mapping[str, ColumnType]) -> None:
+    """Write string rows as one typed Parquet file, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrow = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+    schema = pa.schema([(c, arrow[t]) for c, t in types.items()])
+    columns = {c: [_typed(r.get(c, ""), t) for r in rows] for c, t in types.items()}
+    table = pa.Table.from_pydict(columns, schema=schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # dot-files: readers skip them
+    try:
+        pq.write_table(table, tmp)
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    if hasattr(os, "O_DIRECTORY"):
+        _fsync_path(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _unique(rows: Iterable[dict[str, str]], key: Sequence[str]) -> list[dict[str, str]]:
+    seen: set[tuple[str, ...]] = set()
+    out = []
+    for r in rows:
+        k = tuple(r.get(c, "") for c in key)
+        if k not in seen:
+            seen.add(k)
+            out.append(r)
+    return out
+
+
+def write_parquet_parts(
+    out: str | os.PathLike[str],
+    rank: int,
+    world: int,
+    row_types: Mapping[str, ColumnType],
+    row_key: Sequence[str],
+) -> list[Path]:
+    """Write the Parquet parts of process ``rank``'s CSV shards from their complete rows.
+
+    Process ``rank`` of ``world`` converts every shard ``i`` with
+    ``i % world == rank``: its own, and those of ranks a resumed run with fewer
+    processes no longer has. Call it once the shards it converts are no longer
+    written to. Rows are those of :func:`read_shards` (a torn last line left out),
+    in journal order, a row repeated with the same ``row_key`` kept once (the
+    first); errors likewise by image id. Each part replaces the old one atomically
+    (temporary dot-file, ``fsync``, ``os.replace``).
+
+    Args:
+        out (str or PathLike): the output folder of an evaluation.
+        rank (int): this process.
+        world (int): number of processes.
+        row_types (Mapping[str, ColumnType]): the row columns, in order, and their
+            types (``"int"``, ``"float"``, ``"str"``).
+        row_key (Sequence[str]): the columns that identify a row.
+
+    Returns:
+        list[Path]: the parts written.
+    """
+    require_pyarrow()
+    written = []
+    for kind, types, key in (("rows", row_types, row_key), ("errors", ERROR_TYPES, ("image_id",))):
+        for path in shard_files(out, kind):
+            suffix = path.stem.rsplit("-", 1)[1]
+            if not suffix.isdigit() or int(suffix) % world != rank:
+                continue
+            index = int(suffix)
+            target = parquet_part(out, index, kind)
+            _write_parquet(target, _unique(_read_one(path), key), types)
+            written.append(target)
+    return written
+
+
+def read_parquet(out: str | os.PathLike[str], kind: str = "rows") -> list[dict[str, Any]]:
+    """Every row of the Parquet parts of ``kind`` in ``out``, part by part.
+
+    Args:
+        out (str or PathLike): the output folder of an evaluation.
+        kind (str, optional): ``"rows"`` or ``"errors"``. Default: "rows"
+
+    Returns:
+        list[dict[str, Any]]: the rows with typed values (``None`` = missing).
+    """
+    require_pyarrow("reading Parquet rows")
+    import pyarrow.parquet as pq
+
+    rows: list[dict[str, Any]] = []
+    for path in parquet_files(out, kind):
+        rows.extend(pq.read_table(path).to_pylist())
+    return rows
 
 
 # ---------------------------------------------------------------------- bootstrap

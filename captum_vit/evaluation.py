@@ -15,7 +15,8 @@ of attribution methods and accumulates, per method,
 
 Every image gives one row per method (image id, every metric, seconds), appended to a
 CSV shard per process as the run goes (``out=``; ``resume=True`` continues a killed
-run); the table (:class:`EvaluationTable`) is computed from the rows: per-method means
+run) and, with ``row_format="parquet"``, also written as a typed Parquet part per
+process when it has finished (``pandas.read_parquet("OUT/rows.parquet")``); the table (:class:`EvaluationTable`) is computed from the rows: per-method means
 with seeded bootstrap 95% intervals and paired comparisons. Under
 ``torch.distributed`` (``torchrun``: gloo on CPU, nccl on GPU) every process takes
 every ``world_size``-th batch, so the table equals a single-process run (timings
@@ -54,12 +55,18 @@ from ._capture import ViTAdapter, resolve_adapter
 from ._eval_data import EvalDataset, collate
 from ._eval_io import (
     ERROR_COLUMNS,
+    ColumnType,
     ShardWriter,
     bootstrap_ci,
     error_shard,
     paired_bootstrap,
+    parquet_files,
+    read_parquet,
     read_shards,
+    require_pyarrow,
     row_shard,
+    shard_files,
+    write_parquet_parts,
 )
 from ._utils import _split_batch
 from .metrics import (
@@ -74,6 +81,8 @@ from .registry import Explainer, MethodFactory, available_methods, get_method, r
 __all__ = [
     "METRICS",
     "ROW_COLUMNS",
+    "ROW_FORMATS",
+    "ROW_TYPES",
     "EvalDataset",
     "EvaluationTable",
     "Explainer",
@@ -110,6 +119,12 @@ ROW_COLUMNS: tuple[str, ...] = (
 )
 _INT_COLUMNS = frozenset({"index", "label", "target", "rank"})
 _FLOAT_COLUMNS = frozenset({*METRICS, "forward_seconds"})
+#: Column types of the Parquet rows (``int64``, ``float64``, string), in column order.
+ROW_TYPES: dict[str, ColumnType] = {
+    c: "int" if c in _INT_COLUMNS else "float" if c in _FLOAT_COLUMNS else "str" for c in ROW_COLUMNS
+}
+#: Values of :func:`evaluate`'s ``row_format`` (``captum-vit eval --format``).
+ROW_FORMATS: tuple[str, ...] = ("csv", "parquet")
 
 
 def _parse_record(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,6 +216,11 @@ class EvaluationTable:
     def load(cls, out: str | os.PathLike[str], methods: Sequence[str] | None = None) -> EvaluationTable:
         """The table of the row shards in ``out`` (``rows-*.csv``, ``errors-*.csv``).
 
+        A folder with no CSV shard but Parquet parts (``rows.parquet/``,
+        ``errors.parquet/``, e.g. only those copied from a run with
+        ``row_format="parquet"``) is read from the parts (needs ``pyarrow``); both
+        give the same table.
+
         Args:
             out (str or PathLike): the ``out`` folder of :func:`evaluate`.
             methods (Sequence[str], optional): methods to keep. Default: None (all)
@@ -208,6 +228,8 @@ class EvaluationTable:
         Returns:
             EvaluationTable: the table.
         """
+        if not shard_files(out) and parquet_files(out):
+            return cls.from_rows(read_parquet(out), methods, read_parquet(out, "errors"))
         return cls.from_rows(read_shards(out), methods, read_shards(out, "errors"))
 
     # ------------------------------------------------------------ values
@@ -476,6 +498,7 @@ def evaluate(
     max_batch: int | None = None,
     out: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    row_format: str = "csv",
     shard: bool = True,
     show_progress: bool = True,
     total: int | None = None,
@@ -509,6 +532,16 @@ def evaluate(
     where it stopped and gives the same table. A batch some of whose rows are
     missing is run again whole (same batch, same numbers) and only the missing rows
     are written.
+
+    Parquet: with ``row_format="parquet"`` the CSV shards stay the journal above (a
+    killed run keeps every finished batch, a resumed run reads them), and when this
+    process has finished its part it also writes its rows as typed Parquet,
+    ``out/rows.parquet/part-RRRRR.parquet`` (and ``out/errors.parquet/...``):
+    every complete row of its shard, once, ints as ``int64``, metrics as
+    ``float64`` (null = not measured), ids as strings, written to a temporary file
+    and renamed, so a part is whole or absent; a resumed run rewrites it.
+    ``pandas.read_parquet("out/rows.parquet")`` reads every rank's rows (see
+    :mod:`captum_vit._eval_io`). ``pyarrow`` is checked before any work.
 
     Distributed: when ``torch.distributed`` is initialised (e.g. under ``torchrun``)
     and ``shard=True``, process ``r`` of ``W`` handles batches ``r, r + W, …`` of
@@ -546,6 +579,11 @@ def evaluate(
             (rows kept in memory only)
         resume (bool, optional): continue the run whose shards are in ``out``.
             Without it, an ``out`` that already holds rows is an error. Default: False
+        row_format (str, optional): ``"csv"`` (the CSV shards only) or
+            ``"parquet"`` (also the Parquet parts; needs ``out`` and ``pyarrow``, the
+            ``parquet`` extra). An ``out`` holding Parquet parts must be continued
+            with ``"parquet"``, so they never fall behind the CSV rows.
+            Default: "csv"
         shard (bool, optional): split ``data`` by batch over the processes of an
             initialised process group. Default: True
         show_progress (bool, optional): a progress bar per process (images/s, ETA).
@@ -563,7 +601,15 @@ def evaluate(
         >>> table = evaluate(model, loader, ["rollout_mean", "grad_rollout_chefer", "random"],
         ...                  out="eval_out", resume=True)
         >>> print(table.to_markdown())
+        >>> evaluate(model, loader, ["random"], out="eval_pq", row_format="parquet")
+        >>> frame = pandas.read_parquet("eval_pq/rows.parquet")
     """
+    if row_format not in ROW_FORMATS:
+        raise ValueError(f"row_format must be one of {', '.join(ROW_FORMATS)}, got {row_format!r}")
+    if row_format == "parquet":
+        if out is None:
+            raise ValueError("row_format='parquet' needs out= (the folder the rows are written to)")
+        require_pyarrow()
     ad = resolve_adapter(model, adapter)
     names = list(methods) if methods is not None else available_methods()
     known = available_methods()
@@ -583,6 +629,11 @@ def evaluate(
         existing = read_shards(out)
         if existing and not resume:
             raise ValueError(f"{out} already holds the rows of a run: pass resume=True to continue it, or use an empty folder")
+        if row_format != "parquet" and parquet_files(out):
+            raise ValueError(
+                f"{out} holds the Parquet rows (rows.parquet/) of a row_format='parquet' run: continue it "
+                "with row_format='parquet', so they stay complete"
+            )
         done = {(r["image_id"], r["method"]) for r in existing}
         errors_done = {r["image_id"] for r in read_shards(out, "errors")}
         if world > 1:
@@ -707,6 +758,9 @@ def evaluate(
             writer.close()
         if err_writer is not None:
             err_writer.close()
+    if row_format == "parquet":
+        assert out is not None
+        write_parquet_parts(out, rank, world, ROW_TYPES, ("image_id", "method"))
     if world > 1:
         _barrier()
     if out is not None:
