@@ -267,12 +267,15 @@ def test_torchrun_two_gloo_processes_give_the_single_process_table(
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "captum_vit", "eval", *common, "--out", str(two), "--no-progress", "--threads", "1",
-           "--n-boot", "200"]
+           "--n-boot", "200", "--format", "parquet"]
     proc = subprocess.run(cmd, env=_cli_env(), capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in two.glob("rows-*.csv")) == ["rows-00000.csv", "rows-00001.csv"]
-    ranks = pd.concat([pd.read_csv(p) for p in two.glob("rows-*.csv")])
+    ranks = pd.concat([pd.read_csv(p) for p in sorted(two.glob("rows-*.csv"))], ignore_index=True)
     assert sorted(set(ranks["rank"])) == [0, 1] and len(ranks) == 9 * len(_METHODS)
+    # --format parquet: one part per rank, together the rows of the CSV shards
+    assert sorted(p.name for p in (two / "rows.parquet").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    pd.testing.assert_frame_equal(pd.read_parquet(two / "rows.parquet"), ranks, check_dtype=False, check_exact=True)
     pd.testing.assert_frame_equal(_summary(one), _summary(two))
     cmp1 = pd.read_csv(one / "summary_compare.csv")
     cmp2 = pd.read_csv(two / "summary_compare.csv")
@@ -291,7 +294,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_table(
     assert _run(*common, "--out", str(full)) == 0
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "captum_vit", "eval", *common, "--out", str(killed), "--no-progress",
-           "--threads", "1", "--n-boot", "200"]
+           "--threads", "1", "--n-boot", "200", "--format", "parquet"]
     proc = subprocess.Popen(cmd, env=_cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shard = killed / "rows-00000.csv"
     deadline = time.monotonic() + 240
@@ -308,11 +311,14 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_table(
     assert 0 < len(done) < 12
     with open(shard, "ab") as fh:  # and a torn last line, as a kill inside a write leaves
         fh.write(b"img11.png,11,random,77,3,0.5")
-    assert _run(*common, "--out", str(killed), "--resume") == 0
+    assert not (killed / "rows.parquet").exists()  # killed before its part was done
+    assert _run(*common, "--out", str(killed), "--resume", "--format", "parquet") == 0
     pd.testing.assert_frame_equal(_summary(full), _summary(killed))
     rows = pd.concat([pd.read_csv(p) for p in killed.glob("rows-*.csv")], ignore_index=True)
     assert len(rows) == 12 * len(_METHODS)  # no image missing, none counted twice
     assert not rows.duplicated(["image_id", "method"]).any()
+    # the Parquet part written by the resumed run: the same rows, each once
+    pd.testing.assert_frame_equal(pd.read_parquet(killed / "rows.parquet"), rows, check_dtype=False, check_exact=True)
     # row by row, every metric is the uninterrupted run's, to the last bit of its text
     timing = {"seconds", "forward_seconds", "rank"}
     ref = {(r["image_id"], r["method"]): r for r in csv.DictReader((full / "rows-00000.csv").open())}

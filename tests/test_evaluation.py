@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import DEIT_WEIGHTS, make_model
@@ -207,7 +208,7 @@ def test_bench_main_eval_on_small_folders(tmp_path: Path) -> None:
     out = tmp_path / "out"
     rc = bench_main([
         "--eval", "--imagenet", str(inet), "--voc", str(voc), "--methods", "rollout_mean,random",
-        "--out", str(out), "--name", "t", "--no-progress", "--threads", "1",
+        "--out", str(out), "--name", "t", "--no-progress", "--threads", "1", "--format", "parquet",
     ])
     assert rc == 0
     rows = list(csv.DictReader((out / "t.csv").open()))
@@ -219,3 +220,7 @@ def test_bench_main_eval_on_small_folders(tmp_path: Path) -> None:
     assert "captum-vit bench --eval" in text and "| rollout_mean |" in text
     shards = list(csv.DictReader((out / "t_rows" / "rows-00000.csv").open()))
     assert sorted({r["image_id"] for r in shards}) == ["imagenet/0.png", "imagenet/1.png", "voc/a_image.png"]
+    # --format parquet: the part holds both folders' rows (written after each, the last one complete)
+    frame = pd.read_parquet(out / "t_rows" / "rows.parquet")
+    assert len(frame) == len(shards) == 3 * 2
+    assert sorted(set(frame["image_id"])) == ["imagenet/0.png", "imagenet/1.png", "voc/a_image.png"]
