@@ -16,8 +16,9 @@ of attribution methods and accumulates, per method,
 Every image gives one row per method (image id, every metric, seconds), appended to a
 CSV shard per process as the run goes (``out=``; ``resume=True`` continues a killed
 run) and, with ``row_format="parquet"``, also written as a typed Parquet part per
-process when it has finished (``pandas.read_parquet("OUT/rows.parquet")``); the table (:class:`EvaluationTable`) is computed from the rows: per-method means
-with seeded bootstrap 95% intervals and paired comparisons. Under
+process when it has finished (``pandas.read_parquet("OUT/rows.parquet")``); the table
+(:class:`EvaluationTable`) is computed from the rows: per-method means with seeded
+bootstrap 95% intervals and paired comparisons. Under
 ``torch.distributed`` (``torchrun``: gloo on CPU, nccl on GPU) every process takes
 every ``world_size``-th batch, so the table equals a single-process run (timings
 aside). ``captum-vit eval`` (:mod:`captum_vit._eval_cli`) runs it on an image folder.
@@ -537,7 +538,8 @@ def evaluate(
     killed run keeps every finished batch, a resumed run reads them), and when this
     process has finished its part it also writes its rows as typed Parquet,
     ``out/rows.parquet/part-RRRRR.parquet`` (and ``out/errors.parquet/...``):
-    every complete row of its shard, once, ints as ``int64``, metrics as
+    every complete row of its shard (and of shards ``rank + k * world`` left by a
+    run with more processes), once, ints as ``int64``, metrics as
     ``float64`` (null = not measured), ids as strings, written to a temporary file
     and renamed, so a part is whole or absent; a resumed run rewrites it.
     ``pandas.read_parquet("out/rows.parquet")`` reads every rank's rows (see
