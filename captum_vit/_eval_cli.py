@@ -510,7 +510,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         args = _eval_parser().parse_args(args_list)
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else 2
-    rank = _env_world()[0]
+    # One line per node: the first process of each (LOCAL_RANK 0) prints a usage error, so
+    # an error only one node sees (its copy of --data or --weights missing, no CUDA, no
+    # pyarrow) is in that node's log, not lost because that node has no global rank 0.
+    local_rank = _env_world()[2]
     try:
         _check_numbers(args)
         spec = RunSpec(
@@ -527,7 +530,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         )
         return start(spec, args.nproc, "eval", args_list)
     except EvalUsageError as err:
-        if rank == 0:
+        if local_rank == 0:
             print(f"captum-vit eval: error: {err}", file=sys.stderr)
         return 2
 
