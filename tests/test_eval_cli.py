@@ -1,14 +1,21 @@
 """``captum-vit eval``: data layouts, timm / HF / custom models, torchrun with 2 gloo
-processes == 1 process, SIGKILL + --resume == an uninterrupted run, bad input."""
+processes == 1 process, two torchrun launches as two nodes == 1 process (and one node
+killed, then --resume on both), SIGKILL + --resume == an uninterrupted run, bad input,
+RANK / LOCAL_RANK (shards, cuda index, who prints)."""
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +26,7 @@ from conftest import ROOT
 from PIL import Image
 
 from captum_vit import adapt
+from captum_vit._eval_cli import RunSpec, _init_distributed
 from captum_vit._eval_io import read_shards
 from captum_vit.cli import main
 from captum_vit.evaluation import EvalDataset, EvaluationTable, collate, evaluate
@@ -345,6 +353,261 @@ def test_nproc_starts_the_same_job_through_the_elastic_launcher(
     # inside torchrun, --nproc is refused (torchrun already started the processes)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert _run(*common, "--out", str(tmp_path / "three"), "--nproc", "2") == 2
+
+
+# ---------------------------------------------------------------------- ranks and nodes
+_TIMING = frozenset({"seconds", "forward_seconds", "rank"})
+
+
+def _rows_text(out: Path) -> dict[tuple[str, str], dict[str, str]]:
+    """Every shard's rows as written (text), keyed by (image, method), timings left out;
+    a row written twice fails."""
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for shard in sorted(out.glob("rows-*.csv")):
+        for r in csv.DictReader(shard.open()):
+            key = (r["image_id"], r["method"])
+            assert key not in rows, f"{key} written twice"
+            rows[key] = {k: v for k, v in r.items() if k not in _TIMING}
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+@dataclass
+class _Node:
+    """One ``torchrun`` launch acting as one node of a two-node job."""
+
+    rank: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def kill(self) -> None:
+        """SIGKILL the launch and its workers at once, as a node that dies."""
+        below = _descendants(self.proc.pid)
+        for pid in (self.proc.pid, *below):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
+    def text(self, stream: str) -> str:
+        return self.log.with_suffix(f".{stream}").read_text(errors="replace")
+
+
+def _start_nodes(logs: Path, args: Sequence[str]) -> list[_Node]:
+    """Two ``torchrun --nnodes 2 --nproc_per_node 1 --node-rank R`` launches on this
+    machine (static rendezvous at a free localhost port): each worker has LOCAL_RANK 0
+    and GROUP_RANK = RANK = R, WORLD_SIZE 2."""
+    port = _free_port()
+    logs.mkdir(parents=True, exist_ok=True)
+    nodes = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+               "-m", "captum_vit", "eval", *args, "--no-progress", "--threads", "1", "--n-boot", "200"]
+        log = logs / f"node{node}"
+        with open(log.with_suffix(".out"), "wb") as out, open(log.with_suffix(".err"), "wb") as err:
+            proc = subprocess.Popen(cmd, env=_cli_env(), stdout=out, stderr=err, start_new_session=True)
+        nodes.append(_Node(node, proc, log))
+    return nodes
+
+
+def _report(nodes: Sequence[_Node]) -> str:
+    return "\n".join(
+        f"--- node {n.rank} (exit {n.proc.returncode}) stderr:\n{n.text('err')[-2500:]}" for n in nodes
+    )
+
+
+def _wait(nodes: Sequence[_Node], timeout: float = 150) -> list[int]:
+    """Exit codes of the launches; past ``timeout`` s, both are killed and the test fails."""
+    deadline = time.monotonic() + timeout
+    try:
+        for n in nodes:
+            n.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.kill()
+        pytest.fail(f"the two-node run did not finish within {timeout:.0f} s\n{_report(nodes)}")
+    return [int(n.proc.returncode) for n in nodes]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_torchrun_nodes_give_the_single_process_table(
+    tmp_path: Path, labels_folder: Path, timm_weights: Path
+) -> None:
+    """Two launches as two nodes (LOCAL_RANK 0 on both) on one --out: shards by global
+    rank, batches split by RANK, rank 0 alone prints and writes the summary."""
+    common = ["--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(labels_folder),
+              "--methods", *_METHODS, "--limit", "9", "--batch-size", "2", "--compare", "grad_rollout_chefer",
+              "rollout_mean"]
+    one = tmp_path / "one"
+    assert _run(*common, "--out", str(one)) == 0
+    two = tmp_path / "two"
+    nodes = _start_nodes(tmp_path / "logs", [*common, "--out", str(two), "--format", "parquet"])
+    try:
+        assert _wait(nodes) == [0, 0], _report(nodes)
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.kill()
+    assert sorted(p.name for p in two.glob("rows-*.csv")) == ["rows-00000.csv", "rows-00001.csv"], _report(nodes)
+    for r in (0, 1):  # shard r holds the rows of rank r: batches r, r + 2, ... of 2 images
+        shard = pd.read_csv(two / f"rows-{r:05d}.csv")
+        assert (shard["rank"] == r).all() and ((shard["index"] // 2) % 2 == r).all()
+    assert sorted(p.name for p in (two / "rows.parquet").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert _rows_text(two) == _rows_text(one)
+    pd.testing.assert_frame_equal(_summary(one), _summary(two))
+    cmp1, cmp2 = (pd.read_csv(d / "summary_compare.csv") for d in (one, two))
+    keep = cmp1["metric"] != "seconds"
+    pd.testing.assert_frame_equal(cmp1[keep], cmp2[keep])
+    # one summary, one invocation record, printed by the node of rank 0 only
+    assert "wrote " in nodes[0].text("out") and nodes[1].text("out") == ""
+    runs = [json.loads(line) for line in (two / "invocations.jsonl").read_text().splitlines()]
+    assert [(r["processes"], r["images_after"]) for r in runs] == [(2, 9)]
+    assert "2 process(es)" in (two / "summary.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not Path("/proc/self/stat").exists(), reason="needs mkfifo and /proc")
+def test_one_node_killed_mid_run_then_resume_on_both_gives_the_uninterrupted_table(
+    tmp_path: Path, labels_folder: Path, timm_weights: Path
+) -> None:
+    """Node 1 dies (launch and worker SIGKILLed) in its third batch; node 0 then fails
+    instead of hanging; --resume on both nodes finishes the run: every row once, the
+    table and the rows those of a single uninterrupted process."""
+    common = ["--model", "timm:test_vit", "--methods", *_METHODS, "--batch-size", "2",
+              "--weights", str(timm_weights)]
+    full = tmp_path / "full"
+    assert _run(*common, "--data", str(labels_folder), "--out", str(full)) == 0
+    # the same 12 images, but img11.png (rank 1's third batch) a FIFO: reading it blocks,
+    # so node 1 is killed exactly after its first two batches, whatever the machine's speed
+    data = tmp_path / "data"
+    shutil.copytree(labels_folder, data)
+    (data / "img11.png").unlink()
+    os.mkfifo(data / "img11.png")
+    killed = tmp_path / "killed"
+    args = [*common, "--data", str(data), "--out", str(killed)]
+    nodes = _start_nodes(tmp_path / "logs1", args)
+    shard = killed / "rows-00001.csv"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and all(n.proc.poll() is None for n in nodes):
+            if shard.exists() and shard.read_text().count("\n") == 1 + 4 * len(_METHODS):
+                break
+            time.sleep(0.05)
+        assert nodes[1].proc.poll() is None, f"node 1 ended before it was killed\n{_report(nodes)}"
+        assert shard.read_text().count("\n") == 1 + 4 * len(_METHODS), _report(nodes)
+        nodes[1].kill()
+        codes = _wait(nodes[:1], timeout=120)  # node 0 loses its peer: an error, not a hang
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.kill()
+    assert codes != [0], _report(nodes)
+    assert "captum-vit eval: failed" in nodes[0].text("err"), _report(nodes)
+    by_rank = {r: {row["image_id"] for row in csv.DictReader((killed / f"rows-{r:05d}.csv").open())} for r in (0, 1)}
+    assert by_rank == {0: {f"img{i:02d}.png" for i in (0, 1, 4, 5, 8, 9)}, 1: {f"img{i:02d}.png" for i in (2, 3, 6, 7)}}
+    assert not (killed / "summary.csv").exists()
+    with open(shard, "ab") as fh:  # and a torn last line, as a kill inside a write leaves
+        fh.write(b"img11.png,11,random,77,3,0.5")
+    tmp = data / "img11.tmp"
+    shutil.copy(labels_folder / "img11.png", tmp)
+    os.replace(tmp, data / "img11.png")
+    nodes = _start_nodes(tmp_path / "logs2", [*args, "--resume"])
+    try:
+        assert _wait(nodes) == [0, 0], _report(nodes)
+    finally:
+        for n in nodes:
+            if n.proc.poll() is None:
+                n.kill()
+    pd.testing.assert_frame_equal(_summary(full), _summary(killed))
+    assert _rows_text(killed) == _rows_text(full)  # every row once, each as the uninterrupted run's
+    resumed = pd.read_csv(killed / "rows-00001.csv")
+    assert set(resumed.loc[resumed["index"] >= 10, "rank"]) == {1}  # node 1 did its last batch
+    runs = [json.loads(line) for line in (killed / "invocations.jsonl").read_text().splitlines()]
+    assert [(r["processes"], r["images_before"], r["images_after"], r["resume"]) for r in runs] == [(2, 10, 12, True)]
+
+
+@pytest.mark.parametrize(("rank", "local_rank", "printed"), [(0, 0, True), (1, 0, True), (3, 1, False)])
+def test_a_usage_error_is_printed_by_the_first_process_of_every_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    rank: int, local_rank: int, printed: bool,
+) -> None:
+    """LOCAL_RANK 0, not RANK 0: node 1 (RANK 1, LOCAL_RANK 0) says why it exits 2 in its
+    own log (its copy of --data may be the one missing); other local ranks stay quiet."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    assert _run("--data", str(tmp_path), "--methods", "random", "--out", str(tmp_path / "o"), "--batch-size", "0") == 2
+    want = ["captum-vit eval: error: --batch-size must be >= 1, got 0"] if printed else []
+    assert capsys.readouterr().err.splitlines() == want
+
+
+def test_cuda_device_is_cuda_local_rank_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--device cuda: cuda:LOCAL_RANK (not RANK) for torch.cuda.set_device and nccl's
+    device_id; an explicit index is kept only in a single process; CPU: gloo, no device."""
+    import torch.distributed as dist
+
+    set_device: list[torch.device] = []
+    inits: list[tuple[str, dict[str, object]]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: inits.append((backend, kw)))
+
+    def spec(device: str) -> RunSpec:
+        return RunSpec(model="default", weights=None, sources=[], methods=["random"], method_options={},
+                       replacement="zero", metric="accuracy", batch_size=1, rows_dir="o", summary_stem="o/s",
+                       device=device, timeout_s=60)
+
+    # node 1 of 2 nodes x 4 processes: RANK 5, LOCAL_RANK 1
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for device in ("cuda", "cuda:3"):
+        set_device.clear()
+        inits.clear()
+        assert _init_distributed(spec(device)) == torch.device("cuda", 1)
+        assert set_device == [torch.device("cuda", 1)]
+        assert [(b, kw["device_id"], kw["init_method"]) for b, kw in inits] == [("nccl", torch.device("cuda", 1), "env://")]
+    set_device.clear()
+    inits.clear()
+    assert _init_distributed(spec("cpu")) == torch.device("cpu")
+    assert set_device == [] and [b for b, kw in inits] == ["gloo"] and "device_id" not in inits[0][1]
+    # one process: the index given, or cuda:0; no process group
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var)
+    inits.clear()
+    assert _init_distributed(spec("cuda:2")) == torch.device("cuda", 2)
+    assert _init_distributed(spec("cuda")) == torch.device("cuda", 0)
+    assert inits == []
 
 
 def test_bench_eval_without_data_says_what_to_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
