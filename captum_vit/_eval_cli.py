@@ -122,7 +122,17 @@ def _init_distributed(spec: RunSpec) -> torch.device:
         if not torch.cuda.is_available():
             raise EvalUsageError(f"--device {spec.device} requested but CUDA is not available")
         if world > 1 or device.index is None:
-            device = torch.device("cuda", local % max(1, torch.cuda.device_count()))
+            count = torch.cuda.device_count()
+            # torchrun sets LOCAL_WORLD_SIZE (processes on this node): every process of an
+            # over-full node refuses, so its LOCAL_RANK 0 prints the line (nccl would fail
+            # later with "Duplicate GPU detected" once two ranks share a device).
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
+            if world > 1 and max(per_node, local + 1) > count:
+                raise EvalUsageError(
+                    f"--device cuda: {max(per_node, local + 1)} processes on this node but {count} visible "
+                    "CUDA device(s); start at most one process per GPU (torchrun --nproc_per_node)"
+                )
+            device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

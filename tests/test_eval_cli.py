@@ -26,7 +26,7 @@ from conftest import ROOT
 from PIL import Image
 
 from captum_vit import adapt
-from captum_vit._eval_cli import RunSpec, _init_distributed
+from captum_vit._eval_cli import EvalUsageError, RunSpec, _init_distributed
 from captum_vit._eval_io import read_shards
 from captum_vit.cli import main
 from captum_vit.evaluation import EvalDataset, EvaluationTable, collate, evaluate
@@ -597,12 +597,19 @@ def test_cuda_device_is_cuda_local_rank_under_torchrun(monkeypatch: pytest.Monke
         assert _init_distributed(spec(device)) == torch.device("cuda", 1)
         assert set_device == [torch.device("cuda", 1)]
         assert [(b, kw["device_id"], kw["init_method"]) for b, kw in inits] == [("nccl", torch.device("cuda", 1), "env://")]
+    # more processes on the node than GPUs: one clear line (every process of the node), no group
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "6")
+    inits.clear()
+    with pytest.raises(EvalUsageError, match=r"6 processes on this node but 4 visible CUDA device"):
+        _init_distributed(spec("cuda"))
+    assert inits == []
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     set_device.clear()
     inits.clear()
     assert _init_distributed(spec("cpu")) == torch.device("cpu")
     assert set_device == [] and [b for b, kw in inits] == ["gloo"] and "device_id" not in inits[0][1]
     # one process: the index given, or cuda:0; no process group
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var)
     inits.clear()
     assert _init_distributed(spec("cuda:2")) == torch.device("cuda", 2)
