@@ -676,4 +676,6 @@ def bench_main(argv: list[str] | None = None) -> int:
     try:
         return start(_eval_spec(args, command), args.nproc, "bench", argv)
     except EvalUsageError as err:
+        if _env_world()[2] != 0:  # under torchrun: the line once per node, as ``eval`` does
+            raise SystemExit(2) from err
         raise SystemExit(str(err)) from err

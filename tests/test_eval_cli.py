@@ -569,6 +569,19 @@ def test_a_usage_error_is_printed_by_the_first_process_of_every_node(
     assert capsys.readouterr().err.splitlines() == want
 
 
+@pytest.mark.parametrize(("local_rank", "printed"), [(0, True), (1, False)])
+def test_bench_usage_error_is_printed_once_per_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, local_rank: int, printed: bool
+) -> None:
+    """`bench --eval` under torchrun: like `eval`, only LOCAL_RANK 0 prints; every rank exits 2."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    missing = str(tmp_path / "absent")
+    assert main(["bench", "--eval", "--data", missing, "--masks", missing, "--out", str(tmp_path)]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == (1 if printed else 0)
+
+
 def test_cuda_device_is_cuda_local_rank_under_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     """--device cuda: cuda:LOCAL_RANK (not RANK) for torch.cuda.set_device and nccl's
     device_id; an explicit index is kept only in a single process; CPU: gloo, no device."""
