@@ -20,6 +20,13 @@ The committed results come from:
         cp_g0.1_0.05_attn0.25,cp_g0.1_0.1,cp_g0.1_0.25,cp_g0.1_0.05_headeps,chefer
     python benchmarks/bench_lrp.py tune --nproc 1 --append --methods cp_g0.25_0.05_attn0.05,\
         attnlrp_g0.1_0.05_attn0.05,cp_g0.1_0.25_attn0.25,cp_g0.1_0.05_attn1.0
+    python benchmarks/bench_lrp.py tune --nproc 1 --append --methods cp_lrp0_0.05,cp_g0.03_0.05,\
+        cp_g0.5_0.05,cp_g100_0.05,cp_g0.1_mlp-eps,cp_g0.1_mlp0.02,cp_g0.1_0.05_head0.25,\
+        cp_g0.1_0.05_eps1e-2,cp_g0.1_0.05_eps1e-1,cp_g0.1_0.05_eps1,cp_g0.1_0.05_norm-grad,\
+        cp_g0.1_0.05_act-grad
+    python benchmarks/bench_lrp.py tune --nproc 1 --append --methods cp_g0.25_0.05
+                                                  # -> results/lrp_tuning.{csv,md}
+    python benchmarks/bench_lrp_probe.py          # -> results/lrp_probe.md (patch ranking, start)
     python benchmarks/bench_lrp.py eval --nproc 1 --methods attn_lrp,chefer,rollout,\
         check_cp_g0.1_0.25_attn0.25              # -> results/lrp_eval.{csv,md}
     python benchmarks/bench_lrp.py speed --repeats 11   # -> results/lrp_speed.md
@@ -58,6 +65,8 @@ HOLDOUT_EVERY = 10
 PREVIOUS_DEFAULT = "cp_g0.1_0.05"
 BATCH = 10
 
+_DEFAULT: dict[str, Any] = {"attention": "cp", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.05), "head": ("gamma", 0.05)}
+
 #: Rule sets compared on the held-out images (name -> rules for AttnLRP).
 TUNING: dict[str, dict[str, Any]] = {
     "cp_g0.25_0.05": {"attention": "cp", "patch_embed": ("gamma", 0.25), "mlp": ("gamma", 0.05), "head": ("gamma", 0.05)},
@@ -76,6 +85,19 @@ TUNING: dict[str, dict[str, Any]] = {
     "cp_g0.1_0.1": {"attention": "cp", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.1), "head": ("gamma", 0.1)},
     "cp_g0.1_0.25": {"attention": "cp", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.25), "head": ("gamma", 0.25)},
     "cp_g0.1_0.05_headeps": {"attention": "cp", "patch_embed": ("gamma", 0.1), "mlp": ("gamma", 0.05), "head": "epsilon"},
+    # Second sweep: one setting of the default changed at a time.
+    "cp_lrp0_0.05": {**_DEFAULT, "patch_embed": "gradient"},
+    "cp_g0.03_0.05": {**_DEFAULT, "patch_embed": ("gamma", 0.03)},
+    "cp_g0.5_0.05": {**_DEFAULT, "patch_embed": ("gamma", 0.5)},
+    "cp_g100_0.05": {**_DEFAULT, "patch_embed": ("gamma", 100.0)},  # ~ z+ on the patch conv
+    "cp_g0.1_mlp-eps": {**_DEFAULT, "mlp": "epsilon"},
+    "cp_g0.1_mlp0.02": {**_DEFAULT, "mlp": ("gamma", 0.02)},
+    "cp_g0.1_0.05_head0.25": {**_DEFAULT, "head": ("gamma", 0.25)},
+    "cp_g0.1_0.05_eps1e-2": {**_DEFAULT, "epsilon": 1e-2},
+    "cp_g0.1_0.05_eps1e-1": {**_DEFAULT, "epsilon": 1e-1},
+    "cp_g0.1_0.05_eps1": {**_DEFAULT, "epsilon": 1.0},
+    "cp_g0.1_0.05_norm-grad": {**_DEFAULT, "norm": "gradient"},
+    "cp_g0.1_0.05_act-grad": {**_DEFAULT, "activation": "gradient"},
 }
 
 

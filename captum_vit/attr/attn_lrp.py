@@ -147,9 +147,16 @@ class AttnLRP(GradientAttribution):
     epsilon on the head -0.001; lxt's example with Gamma 0.25 on the patch embedding
     and 0.05 on every linear, projections included, -0.014; Gamma 0.25 on every
     linear +0.027 [-0.023, +0.086] (the best of ten, and not better on the token-zero
-    test: +0.004); AttnLRP's softmax rule -0.051 [-0.103, -0.005]. An earlier run:
-    Gamma 0.25 or 1.0 on the patch embedding within 0.005 of 0.1.
-    ``benchmarks/results/lrp_tuning.md`` has every number.
+    test: +0.004); AttnLRP's softmax rule -0.051 [-0.103, -0.005]. A second sweep, one
+    setting at a time: patch embedding LRP-0 / Gamma 0.03 / 0.25 / 0.5 / 100: -0.021 /
+    -0.015 / +0.000 / -0.009 / -0.017; MLPs epsilon / Gamma 0.02: -0.072 / -0.049; head
+    Gamma 0.25 +0.002; ε 1e-2 / 1e-1 / 1: +0.005 / -0.009 / -0.274; the gradient instead
+    of the identity rule on LayerNorm / GELU: -0.376 / -0.130. The patch grid sums the
+    pixel relevance (ranking patches by token relevance at the patch embedding instead:
+    -0.036 [-0.067, -0.009]), and relevance starts at the logit (log-softmax: -0.052).
+    On the 450 reported images the defaults beat Chefer relevance by +0.040
+    [+0.019, +0.062] (token-zero +0.065). ``benchmarks/results/lrp_tuning.md``,
+    ``lrp_probe.md`` and ``lrp_eval.md`` have every number.
 
     Args:
         model (nn.Module): a ViT supported by :func:`captum_vit.adapt`.
