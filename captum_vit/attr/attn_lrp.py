@@ -214,17 +214,19 @@ class AttnLRP(GradientAttribution):
                 Default: None
             layer (int, optional): explain the tokens leaving this block instead of
                 the pixels: ``R = Σ_d h_d ∂̃y/∂h_d`` per patch token of block
-                ``layer``'s output (latent relevance; prefix tokens are left out).
+                ``layer``'s output (latent relevance; prefix tokens are left out),
+                returned on the patch grid ``(B, 1, gh, gw)`` whatever
+                ``return_patch_grid`` says (tokens have no pixels; Captum's layer
+                attributions likewise come in the layer's shape, not the input's).
                 Negative values count from the end. Default: None
             return_patch_grid (bool, optional): return ``(B, 1, gh, gw)``: the
-                pixel relevance summed over channels and the pixels of each patch
-                (or the token relevance). Default: False
+                pixel relevance summed over channels and the pixels of each patch.
+                Default: False
 
         Returns:
             Tensor or tuple[Tensor]: signed relevance, float in the inputs' dtype:
-            ``(B, C, H, W)`` per pixel and channel (``layer=None``; with ``layer``
-            the token map repeated over each patch's pixels and every channel), or
-            ``(B, 1, gh, gw)`` with ``return_patch_grid=True``.
+            ``(B, C, H, W)`` per pixel and channel, or ``(B, 1, gh, gw)`` with
+            ``return_patch_grid=True`` or ``layer``.
         """
         x, as_tuple = _unpack_inputs(inputs)
         self.adapter.check_inputs(x)
@@ -261,7 +263,7 @@ class AttnLRP(GradientAttribution):
             lay = self.adapter.layout(x, int(relevance.shape[1]))
             tokens = relevance.sum(-1)[:, lay.num_prefix_tokens :]
             maps = tokens.reshape(tokens.shape[0], *lay.grid)
-        return _format_output(maps, x, return_patch_grid=return_patch_grid, as_tuple=as_tuple)
+        return _format_output(maps, x, return_patch_grid=return_patch_grid or block is not None, as_tuple=as_tuple)
 
     def _pixels_to_grid(self, relevance: Tensor, x: Tensor) -> Tensor:
         """Sum ``(B, C, H, W)`` pixel relevance over channels and patches: ``(B, gh, gw)``."""
