@@ -42,6 +42,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -481,9 +482,21 @@ def _nan_filled(n: int, sel: Tensor, values: Tensor) -> list[float]:
     return out
 
 
+def _batches_argument(batches: Iterable[Any] | None, data: Iterable[Any] | None) -> Iterable[Any]:
+    """``evaluate``'s ``batches``, or its deprecated alias ``data`` (with a warning)."""
+    if data is None:
+        if batches is None:
+            raise TypeError("evaluate() missing required argument 'batches' (a DataLoader or any iterable of batches)")
+        return batches
+    if batches is not None:
+        raise TypeError("evaluate() got both 'batches' and its deprecated alias 'data': pass batches only")
+    warnings.warn("evaluate(data=...) is deprecated, use batches=", DeprecationWarning, stacklevel=3)
+    return data
+
+
 def evaluate(
     model: nn.Module,
-    data: Iterable[Any],
+    batches: Iterable[Any] | None = None,
     methods: Sequence[str] | None = None,
     *,
     adapter: ViTAdapter | None = None,
@@ -503,6 +516,7 @@ def evaluate(
     shard: bool = True,
     show_progress: bool = True,
     total: int | None = None,
+    data: Iterable[Any] | None = None,
 ) -> EvaluationTable:
     r"""Run methods over a dataset, writing one row per image and method.
 
@@ -547,14 +561,14 @@ def evaluate(
 
     Distributed: when ``torch.distributed`` is initialised (e.g. under ``torchrun``)
     and ``shard=True``, process ``r`` of ``W`` handles batches ``r, r + W, …`` of
-    ``data`` (pass the same, unsharded loader to every process); pass ``shard=False``
+    ``batches`` (pass the same, unsharded loader to every process); pass ``shard=False``
     when each process already gets only its own batches. Every process returns the
     table of the whole run: read back from ``out`` (which must then be on a file system
     all processes see) or gathered over the process group.
 
     Args:
         model (nn.Module): the ViT (eval mode).
-        data (Iterable): a DataLoader or any iterable of batches.
+        batches (Iterable): a DataLoader or any iterable of batches.
         methods (Sequence[str], optional): registry names. Default: None (every
             available method, see :func:`available_methods`)
         adapter (ViTAdapter, optional): a prebuilt adapter. Default: None
@@ -586,12 +600,15 @@ def evaluate(
             ``parquet`` extra). An ``out`` holding Parquet parts must be continued
             with ``"parquet"``, so they never fall behind the CSV rows.
             Default: "csv"
-        shard (bool, optional): split ``data`` by batch over the processes of an
+        shard (bool, optional): split ``batches`` by batch over the processes of an
             initialised process group. Default: True
         show_progress (bool, optional): a progress bar per process (images/s, ETA).
             Default: True
         total (int, optional): images this process will see, for the bar.
-            Default: None (from ``len(data.dataset)`` when available)
+            Default: None (from ``len(batches.dataset)`` when available)
+        data (Iterable, optional): deprecated alias of ``batches`` (keyword only; a
+            :class:`DeprecationWarning`, the same result). Passing both, or neither,
+            is a :class:`TypeError`. Default: None
 
     Returns:
         EvaluationTable: every row of the run (with ``out``: of all its shards);
@@ -606,6 +623,7 @@ def evaluate(
         >>> evaluate(model, loader, ["random"], out="eval_pq", row_format="parquet")
         >>> frame = pandas.read_parquet("eval_pq/rows.parquet")
     """
+    batches = _batches_argument(batches, data)
     if row_format not in ROW_FORMATS:
         raise ValueError(f"row_format must be one of {', '.join(ROW_FORMATS)}, got {row_format!r}")
     if row_format == "parquet":
@@ -646,7 +664,7 @@ def evaluate(
     mine: list[dict[str, Any]] = []
     my_errors: list[dict[str, str]] = []
     if total is None:
-        ds = getattr(data, "dataset", None)
+        ds = getattr(batches, "dataset", None)
         if ds is not None and hasattr(ds, "__len__"):
             n_all = len(ds)
             total = math.ceil(n_all / world) if shard and world > 1 else n_all
@@ -657,7 +675,7 @@ def evaluate(
                disable=not show_progress, file=sys.stderr, dynamic_ncols=True, leave=True)
     position = 0
     try:
-        for b, batch in enumerate(data):
+        for b, batch in enumerate(batches):
             parts = _split_eval_batch(batch)
             x = parts.images
             n = int(x.shape[0])

@@ -173,6 +173,36 @@ def test_library_resume_skips_done_images_and_gives_the_same_table(tmp_path: Pat
     assert resumed.summary(seed=2)[0] == EvaluationTable.load(out).summary(seed=2)[0]
 
 
+def test_batches_keyword_and_deprecated_data_alias() -> None:
+    """DESIGN's ``evaluate(model, batches, methods=...)``: ``batches=`` works, ``data=`` warns once
+    and gives the same rows, both or neither is one TypeError."""
+    import warnings
+
+    model, size = make_model(_FAMILY)
+    data = _dataset(size, n_batches=2, batch=2)
+    positional = evaluate(model, data, ["rollout_mean", "random"], show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new name warns about nothing
+        keyword = evaluate(model, batches=data, methods=["rollout_mean", "random"], show_progress=False)
+    with pytest.warns(DeprecationWarning, match=r"evaluate\(data=\.\.\.\) is deprecated, use batches=") as caught:
+        old = evaluate(model, data=data, methods=["rollout_mean", "random"], show_progress=False)
+    assert len([w for w in caught if issubclass(w.category, DeprecationWarning)]) == 1
+    assert caught[0].filename == __file__  # points at the caller
+    def rows(table: EvaluationTable) -> list[dict[str, Any]]:  # every untimed value, NaN as None
+        return [
+            {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()
+             if k not in ("seconds", "forward_seconds")}
+            for r in table.records
+        ]
+
+    for table in (keyword, old):
+        assert rows(table) == rows(positional) and len(rows(table)) == 2 * 4
+    with pytest.raises(TypeError, match="both 'batches' and its deprecated alias 'data'"):
+        evaluate(model, data, ["random"], data=data, show_progress=False)
+    with pytest.raises(TypeError, match="missing required argument 'batches'"):
+        evaluate(model, methods=["random"], show_progress=False)
+
+
 def test_bad_inputs() -> None:
     model, size = make_model(_FAMILY)
     with pytest.raises(ValueError, match="unknown or unavailable"):
