@@ -144,42 +144,6 @@ def _init_distributed(spec: RunSpec) -> torch.device:
 
 
 # ---------------------------------------------------------------------- model and data
-def _mask_config(spec: str, model: Any, transform: Any) -> dict[str, Any]:
-    """The geometry of the model's preprocessing, for :func:`~captum_vit.metrics.align_mask`."""
-    h, w = (int(v) for v in transform.input_size)
-    if spec.startswith("hf:"):
-        try:
-            from transformers import AutoImageProcessor
-
-            proc = AutoImageProcessor.from_pretrained(spec[3:])
-        except (OSError, ValueError):
-            proc = None
-        if proc is not None and getattr(proc, "do_center_crop", False):
-            size = getattr(proc, "size", {}) or {}
-            short = size.get("shortest_edge") or size.get("height")
-            if short:
-                return {"input_size": (3, h, w), "crop_pct": min(1.0, h / float(short)), "crop_mode": "center"}
-        return {"input_size": (3, h, w), "crop_pct": 1.0, "crop_mode": "squash"}
-    import timm.data
-
-    cfg = dict(timm.data.resolve_data_config({}, model=model))
-    return cfg
-
-
-def _label_maps(model: Any, class_names: Sequence[str]) -> list[list[str]]:
-    maps = [list(class_names)]
-    try:
-        import timm.data
-
-        subset = timm.data.infer_imagenet_subset(model)
-        if subset is not None:
-            info = timm.data.ImageNetInfo(subset)
-            maps.append(list(info.label_names()))
-    except Exception:  # not a timm ImageNet head: class names only
-        pass
-    return maps
-
-
 def _load(spec: RunSpec, device: torch.device) -> tuple[Any, Any, list[str]]:
     from .models import load_model
 
@@ -192,6 +156,8 @@ def _load(spec: RunSpec, device: torch.device) -> tuple[Any, Any, list[str]]:
 
 
 def _datasets(spec: RunSpec, model: Any, transform: Any, class_names: list[str]) -> list[EvalDataset]:
+    from .models import _label_maps, _mask_config
+
     maps = _label_maps(model, class_names)
     num_classes = len(class_names) or None
     out = []

@@ -90,6 +90,23 @@ def test_attr_private_modules_stay_inside_attr() -> None:
         assert not bad, f"{mod} imports {bad}"
 
 
+#: Modules allowed to import a model family's library: the capture layer, the LRP rules
+#: beside it, the model loader, and the speed benchmark (it builds timm models for peers).
+_FAMILY_MODULES = {"captum_vit._capture", "captum_vit._lrp", "captum_vit.models", "captum_vit._speed"}
+
+
+def test_only_the_family_layer_imports_timm_or_transformers() -> None:
+    """CONTRIBUTING: no other module may test a model's class or family (DESIGN: nothing above
+    the capture layer knows whether a model is timm or Hugging Face)."""
+    for path in PKG.rglob("*.py"):
+        mod = _module_name(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad = [n for n in names if n.split(".")[0] in ("timm", "transformers")]
+            assert not bad or mod in _FAMILY_MODULES, f"{mod} imports {bad}"
+
+
 def test_masked_forward_is_public() -> None:
     from captum_vit._token_masking import masked_forward as old
     from captum_vit.masking import masked_forward

@@ -221,6 +221,73 @@ def test_load_model_hf_from_directory(tmp_path: Path) -> None:
     assert transform3(np.full((40, 50, 3), 255, dtype=np.uint8)).shape == (3, 32, 32)
 
 
+# ------------------------------------------------------------- mask geometry (_mask_config)
+def _stripes(h: int = 90, w: int = 150) -> tuple[np.ndarray, np.ndarray]:
+    """A non-square label map of vertical stripes (labels 0..5) and its grey image (label * 50)."""
+    labels = np.repeat((np.arange(w) // 15 % 6)[None, :], h, 0)
+    return labels, np.repeat((labels * 50).astype(np.uint8)[..., None], 3, 2)
+
+
+def _agreement(spec: str, model: torch.nn.Module, transform: ImageTransform) -> tuple[dict[str, object], float]:
+    """The loader's mask geometry and the fraction of model-input pixels whose label (read back
+    from the preprocessed grey image) equals the mask aligned with that geometry."""
+    from captum_vit.metrics import align_mask
+    from captum_vit.models import _mask_config
+
+    labels, image = _stripes()
+    cfg = _mask_config(spec, model, transform)
+    seen = np.clip(np.round(transform.to_image(transform(image))[..., 0] / 50.0), 0, 5)
+    aligned = align_mask(torch.from_numpy(labels), cfg).numpy()
+    assert aligned.shape == seen.shape == tuple(transform.input_size)
+    return cfg, float((aligned == seen).mean())
+
+
+def test_mask_config_timm_follows_timm_data_config(default_model, tmp_path: Path) -> None:
+    """'default' and timm: timm's own data config (centre crop), and masks land on the image's pixels
+    (the other crop mode would not: stripes of a non-square image move)."""
+    import safetensors.torch
+
+    model, transform, _ = default_model
+    cfg, agree = _agreement("default", model, transform)
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["crop_mode"]) == ((3, 224, 224), 0.9, "center")
+    assert agree > 0.97
+    safetensors.torch.save_file(_tiny_timm().state_dict(), str(tmp_path / "tiny.safetensors"))
+    model, transform, _ = load_model("timm:test_vit", weights=tmp_path / "tiny.safetensors")
+    cfg, agree = _agreement("timm:test_vit", model, transform)
+    assert (cfg["input_size"], cfg["crop_pct"], cfg["crop_mode"]) == ((3, 160, 160), 0.95, "center")
+    assert agree > 0.97
+    from captum_vit.metrics import align_mask
+
+    labels, _ = _stripes()
+    squashed = align_mask(torch.from_numpy(labels), {**cfg, "crop_mode": "squash"}).numpy()
+    assert (squashed == align_mask(torch.from_numpy(labels), cfg).numpy()).mean() < 0.5
+
+
+def test_mask_config_hf_follows_the_image_processor(tmp_path: Path) -> None:
+    """hf: no processor (transformers' resize to the config size) and ViTImageProcessor squash the
+    image; a CLIP-style processor (shortest edge, centre crop) crops with crop_pct = crop / edge."""
+    import transformers as tf
+
+    cfg = tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8, num_labels=3)
+    processors = {
+        "none": None,
+        "vit": tf.ViTImageProcessor(size={"height": 32, "width": 32}),
+        "clip": tf.CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}),
+    }
+    expected = {"none": (1.0, "squash"), "vit": (1.0, "squash"), "clip": (0.8, "center")}
+    for name, proc in processors.items():
+        torch.manual_seed(0)
+        tf.ViTForImageClassification(cfg).save_pretrained(tmp_path / name)
+        if proc is not None:
+            proc.save_pretrained(tmp_path / name)
+        spec = f"hf:{tmp_path / name}"
+        model, transform, _ = load_model(spec)
+        geometry, agree = _agreement(spec, model, transform)
+        assert geometry == {"input_size": (3, 32, 32), "crop_pct": expected[name][0], "crop_mode": expected[name][1]}
+        assert agree > 0.95, name
+
+
 def test_load_model_bad_specs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown model source"):
         load_model("torchhub:deit")

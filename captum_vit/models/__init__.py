@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from os import PathLike
 from pathlib import Path
@@ -377,6 +377,60 @@ def load_model(
         else:
             model, transform, names = _load_hf(name, path, model_kwargs)
     return _finish(model, device, dtype), transform, names
+
+
+def _mask_config(spec: str, model: nn.Module, transform: ImageTransform) -> dict[str, Any]:
+    """The resize / crop geometry of ``load_model(spec)``'s preprocessing.
+
+    What :func:`captum_vit.metrics.align_mask` needs to give segmentation masks the
+    pixels of the model input: ``input_size`` ``(3, H, W)``, ``crop_pct`` and
+    ``crop_mode``. Family knowledge stays here: a Hugging Face image processor that
+    centre-crops gives ``crop_pct = H / shortest_edge`` (``"center"``), one that does
+    not (or none) squashes the image to ``(H, W)``; a timm model (and ``"default"``)
+    gives timm's own data config.
+
+    Args:
+        spec (str): the spec the model was loaded with (see :func:`load_model`).
+        model (nn.Module): the loaded model.
+        transform (ImageTransform): its preprocessing, as :func:`load_model` returned it.
+
+    Returns:
+        dict[str, Any]: a data config for :func:`~captum_vit.metrics.align_mask`.
+    """
+    h, w = (int(v) for v in transform.input_size)
+    prefix, _, name = spec.partition(":")
+    if prefix == "hf":
+        try:
+            from transformers import AutoImageProcessor
+
+            proc = AutoImageProcessor.from_pretrained(name)
+        except (OSError, ValueError):
+            proc = None
+        if proc is not None and getattr(proc, "do_center_crop", False):
+            size = getattr(proc, "size", {}) or {}
+            short = size.get("shortest_edge") or size.get("height")
+            if short:
+                return {"input_size": (3, h, w), "crop_pct": min(1.0, h / float(short)), "crop_mode": "center"}
+        return {"input_size": (3, h, w), "crop_pct": 1.0, "crop_mode": "squash"}
+    import timm.data
+
+    return dict(timm.data.resolve_data_config({}, model=model))
+
+
+def _label_maps(model: nn.Module, class_names: Sequence[str]) -> list[list[str]]:
+    """Label maps a class folder's name is looked up in: ``class_names``, and for a timm
+    ImageNet head also its WordNet synsets (``n01440764``)."""
+    maps = [list(class_names)]
+    try:
+        import timm.data
+
+        subset = timm.data.infer_imagenet_subset(model)
+        if subset is not None:
+            info = timm.data.ImageNetInfo(subset)
+            maps.append(list(info.label_names()))
+    except Exception:  # not a timm ImageNet head: class names only
+        pass
+    return maps
 
 
 class HubOfflineError(ValueError):
