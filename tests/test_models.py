@@ -265,7 +265,8 @@ def test_mask_config_timm_follows_timm_data_config(default_model, tmp_path: Path
 
 def test_mask_config_hf_follows_the_image_processor(tmp_path: Path) -> None:
     """hf: no processor (transformers' resize to the config size) and ViTImageProcessor squash the
-    image; a CLIP-style processor (shortest edge, centre crop) crops with crop_pct = crop / edge."""
+    image; a CLIP-style processor (shortest edge, centre crop) crops with crop_pct = crop / edge, a
+    DeiT one (resize to height x width, centre crop) squashes to crop / crop_pct, then crops."""
     import transformers as tf
 
     cfg = tf.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
@@ -274,8 +275,10 @@ def test_mask_config_hf_follows_the_image_processor(tmp_path: Path) -> None:
         "none": None,
         "vit": tf.ViTImageProcessor(size={"height": 32, "width": 32}),
         "clip": tf.CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}),
+        # DeiT's processors resize both sides to (height, width), then centre-crop
+        "deit": tf.DeiTImageProcessor(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32}),
     }
-    expected = {"none": (1.0, "squash"), "vit": (1.0, "squash"), "clip": (0.8, "center")}
+    expected = {"none": (1.0, "squash"), "vit": (1.0, "squash"), "clip": (0.8, "center"), "deit": (0.8, "squash")}
     for name, proc in processors.items():
         torch.manual_seed(0)
         tf.ViTForImageClassification(cfg).save_pretrained(tmp_path / name)

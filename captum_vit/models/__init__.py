@@ -385,9 +385,11 @@ def _mask_config(spec: str, model: nn.Module, transform: ImageTransform) -> dict
     What :func:`captum_vit.metrics.align_mask` needs to give segmentation masks the
     pixels of the model input: ``input_size`` ``(3, H, W)``, ``crop_pct`` and
     ``crop_mode``. Family knowledge stays here: a Hugging Face image processor that
-    centre-crops gives ``crop_pct = H / shortest_edge`` (``"center"``), one that does
-    not (or none) squashes the image to ``(H, W)``; a timm model (and ``"default"``)
-    gives timm's own data config.
+    centre-crops after resizing the shorter side gives ``crop_pct = H / shortest_edge``
+    (``"center"``), one that centre-crops after resizing to ``(height, width)`` (DeiT)
+    gives ``crop_pct = H / height`` (``"squash"``), one that does not crop (or none)
+    squashes the image to ``(H, W)``; a timm model (and ``"default"``) gives timm's own
+    data config.
 
     Args:
         spec (str): the spec the model was loaded with (see :func:`load_model`).
@@ -408,9 +410,12 @@ def _mask_config(spec: str, model: nn.Module, transform: ImageTransform) -> dict
             proc = None
         if proc is not None and getattr(proc, "do_center_crop", False):
             size = getattr(proc, "size", {}) or {}
-            short = size.get("shortest_edge") or size.get("height")
-            if short:
+            short = size.get("shortest_edge")
+            if short:  # shorter side resized to `short` (aspect kept), then the centre crop
                 return {"input_size": (3, h, w), "crop_pct": min(1.0, h / float(short)), "crop_mode": "center"}
+            height = size.get("height")
+            if height:  # both sides resized to (height, width) (aspect lost), then the centre crop
+                return {"input_size": (3, h, w), "crop_pct": min(1.0, h / float(height)), "crop_mode": "squash"}
         return {"input_size": (3, h, w), "crop_pct": 1.0, "crop_mode": "squash"}
     import timm.data
 
