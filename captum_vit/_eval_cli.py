@@ -401,7 +401,7 @@ def _eval_parser() -> argparse.ArgumentParser:
         prog="captum-vit eval",
         description="Evaluate attribution methods for a ViT on an image folder: per-image rows "
         "(one CSV shard per process, written as it goes; with --format parquet also typed Parquet "
-        "parts, OUT/rows.parquet/), a summary with bootstrap 95%% intervals "
+        "parts, OUT/rows.parquet/), a summary with bootstrap 95% intervals "
         "and an optional paired comparison. Runs unchanged under torchrun.",
         epilog="Data: DIR/labels.csv (file,class_index), DIR/index.csv (image[,mask]), an ImageFolder "
         "tree, or a flat folder of images. Masks: N_mask.png / STEM.png / STEM_mask.png. "

@@ -261,6 +261,25 @@ def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None
         assert "--out" in capsys.readouterr().out
 
 
+def test_no_help_output_shows_a_doubled_percent(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse %-formats help= strings only (and texts with %(prog)s): a "%%" in a description or
+    epilog reaches the user as "%%". Every subcommand of the parser, also eval and bench (their own
+    parsers), is checked."""
+    import argparse
+
+    from captum_vit.cli import build_parser
+
+    subs = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = sorted(subs[0].choices)
+    assert {"explain", "demo", "analyze", "eval", "bench"} <= set(commands)
+    for argv in ([], *([c] for c in commands)):
+        assert main([*argv, "--help"]) == EXIT_OK, argv
+        text = capsys.readouterr().out
+        assert "usage:" in text and "%%" not in text, (argv, text[text.find("%%") - 60 : text.find("%%") + 10])
+    assert main(["eval", "--help"]) == EXIT_OK
+    assert "bootstrap 95% intervals" in " ".join(capsys.readouterr().out.split())
+
+
 def test_more_bad_input_in_process(tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cat, cam = str(tiny["cat"]), str(tiny["camera"])
     cases = [
