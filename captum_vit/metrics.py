@@ -15,7 +15,9 @@ They are resized to the attributions' resolution with nearest-neighbour
 resize / centre crop as the image the model saw: :func:`align_mask` does that.
 
 * :func:`foreground_fraction` — Das & Huddar's foreground / background attention
-  fraction (FAF / BAF) on the patch grid.
+  fraction (FAF / BAF) on the patch grid (patch grids, or pixel-level maps with
+  ``patch_size=``; a pixel-level map without it raises instead of being taken for
+  a grid).
 * :func:`perturbation_curve` — Chefer et al.'s positive / negative perturbation test
   (tokens removed most- or least-relevant first) and its area under the curve.
 * :func:`segmentation_scores` — pixel accuracy, mIoU and mAP as in Chefer et al.'s
@@ -206,17 +208,35 @@ def foreground_fraction(
     A patch with no valid pixel (all ``ignore_index``) counts as background. The
     fraction is NaN for a sample whose map has no positive value.
 
+    The fraction is defined on the patch grid, so a pixel-level map must not be taken
+    for a grid. Without ``patch_size``:
+
+    * an input-shaped map with several channels (``attribute()``'s default output,
+      ``(B, 3, H, W)``) raises ``ValueError``;
+    * a one-channel map ``(B, 1, h, w)`` / ``(B, h, w)`` is the patch grid, except
+      when ``(h, w)`` equals the masks' resolution ``(H', W')``: masks aligned with
+      the input have the input's size, so such a map is taken as pixel-level and
+      raises ``ValueError`` too (a grid with masks already reduced to the grid's
+      resolution passes ``patch_size=1``).
+
+    Shape alone cannot tell a one-channel pixel map from a grid when the masks have
+    another resolution than the map (e.g. masks at twice the input size): pass grids
+    (``return_patch_grid=True``) or ``patch_size`` then.
+
     Args:
-        attributions (Tensor): a patch grid ``(B, 1, gh, gw)`` / ``(B, gh, gw)``, or,
-            with ``patch_size``, an input-shaped map ``(B, C, H, W)`` that is averaged
-            over each ``patch_size`` patch (``H, W`` divisible by it).
+        attributions (Tensor): a patch grid ``(B, 1, gh, gw)`` / ``(B, gh, gw)``
+            (``return_patch_grid=True``), or, with ``patch_size``, an input-shaped
+            map ``(B, C, H, W)`` (channels averaged) that is averaged over each
+            ``patch_size`` patch (``H, W`` divisible by it).
         masks (Tensor): ``(B, H', W')`` or ``(B, 1, H', W')`` at any resolution
             aligned with the model's input (see :func:`align_mask`); the fraction of
             foreground pixels of each patch is computed by area averaging.
         threshold (float, optional): minimum foreground fraction of a foreground
             patch, in ``(0, 1]``. Default: 0.5
         patch_size (int or (int, int), optional): pixels per patch when
-            ``attributions`` are at pixel resolution. Default: None (already a grid)
+            ``attributions`` are at pixel resolution (the model's patch size, e.g.
+            16); ``1`` takes every value of the map as one patch. Default: None
+            (``attributions`` are the patch grid, see above)
         ignore_index (int, optional): mask value that is ignored. Default: 255
 
     Returns:
@@ -229,7 +249,18 @@ def foreground_fraction(
     """
     if not 0.0 < float(threshold) <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    a = _as_maps(attributions)
+    raw = _single_tensor(attributions, "attributions")
+    hint = (
+        "foreground_fraction works on the patch grid: pass attribute(..., "
+        "return_patch_grid=True) maps (B, 1, gh, gw), or patch_size= (the model's patch "
+        "size) to average a pixel-level map over each patch"
+    )
+    if patch_size is None and raw.ndim == 4 and raw.shape[1] != 1:
+        raise ValueError(
+            f"attributions of shape {tuple(raw.shape)} have {raw.shape[1]} channels, an "
+            f"input-shaped map; {hint}"
+        )
+    a = _as_maps(raw)
     if patch_size is not None:
         ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
         if a.shape[-2] % ph or a.shape[-1] % pw:
@@ -240,6 +271,12 @@ def foreground_fraction(
         a = F.avg_pool2d(a[:, None], kernel_size=(ph, pw))[:, 0]
     fg, valid = _as_masks(masks, a.shape[0], ignore_index)
     grid = (int(a.shape[-2]), int(a.shape[-1]))
+    if patch_size is None and grid == tuple(fg.shape[-2:]):
+        raise ValueError(
+            f"attributions of {grid[0]}x{grid[1]} have the masks' resolution, so they are a "
+            f"pixel-level map, not a patch grid; {hint} (patch_size=1 if this is a grid and "
+            "the masks are at grid resolution)"
+        )
     if fg.shape[-2] < grid[0] or fg.shape[-1] < grid[1]:
         raise ValueError(f"masks of {tuple(fg.shape[-2:])} are smaller than the {grid} patch grid")
     fg_area = F.adaptive_avg_pool2d(fg[:, None].float(), grid)[:, 0]

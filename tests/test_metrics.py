@@ -75,6 +75,52 @@ def test_foreground_fraction_batch_equals_single() -> None:
         assert torch.allclose(faf[i : i + 1], f1) and torch.allclose(baf[i : i + 1], b1)
 
 
+def test_foreground_fraction_refuses_pixel_maps_without_patch_size() -> None:
+    """A pixel-level map is never silently taken for a patch grid (one pixel = one patch)."""
+    grid = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # (1, 1, 2, 2)
+    mask = torch.zeros(1, 16, 16, dtype=torch.long)
+    mask[0, :8, :] = 1  # top row of patches
+    mask[0, 8, :] = 1  # plus one pixel row: bottom patches are 1/8 foreground
+    pixels = grid.repeat_interleave(8, 2).repeat_interleave(8, 3)  # (1, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"3 channels.*return_patch_grid=True.*patch_size="):
+        foreground_fraction(pixels.expand(-1, 3, -1, -1), mask)
+    with pytest.raises(ValueError, match=r"masks' resolution.*return_patch_grid=True.*patch_size="):
+        foreground_fraction(pixels, mask)
+    with pytest.raises(ValueError, match="masks' resolution"):
+        foreground_fraction(pixels[:, 0], mask[:, None])
+    faf, _ = foreground_fraction(grid, mask)
+    assert faf.item() == pytest.approx(3 / 10)
+    for a in (pixels, pixels.expand(-1, 3, -1, -1), pixels[:, 0]):
+        f, _ = foreground_fraction(a, mask, patch_size=8)
+        assert f.item() == pytest.approx(3 / 10)
+    # patch_size=1: every value is a patch (a grid whose masks are at grid resolution)
+    f1, _ = foreground_fraction(pixels, mask, patch_size=1)
+    assert f1.item() == pytest.approx((8 * 8 * 1 + 8 * 8 * 2 + 8 * 3 + 8 * 4) / (64 * 10))
+
+
+def test_foreground_fraction_of_a_method_map_needs_the_grid_or_patch_size() -> None:
+    """The audit's case: a rollout map at the input size gives the grid's FAF only with
+    patch_size; without it, one clear error (it gave a per-pixel FAF before)."""
+    from captum_vit import AttentionRollout
+
+    model, size = make_model("hf_vit")
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    method = AttentionRollout(model)
+    grid = method.attribute(x, return_patch_grid=True)
+    pixels = method.attribute(x)
+    assert isinstance(grid, Tensor) and isinstance(pixels, Tensor)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    masks = ((yy - size / 3) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2).expand(2, -1, -1)
+    faf_grid, _ = foreground_fraction(grid, masks)
+    patch = adapt(model).patch_size
+    faf_px, _ = foreground_fraction(pixels, masks, patch_size=patch)
+    torch.testing.assert_close(faf_px, faf_grid)
+    with pytest.raises(ValueError, match="return_patch_grid=True"):
+        foreground_fraction(pixels, masks)
+    with pytest.raises(ValueError, match="return_patch_grid=True"):
+        foreground_fraction(pixels[:, :1], masks)
+
+
 # ---------------------------------------------------------------------- segmentation
 def _disk_mask(size: int = 32) -> Tensor:
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
