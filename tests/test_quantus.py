@@ -7,9 +7,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from captum.attr import InputXGradient
 from conftest import make_model
 
-from captum_vit import AttentionRollout, GradientRollout
+import captum_vit
+import captum_vit.attr
+from captum_vit import AttentionRollout, AttnLRP, GradientRollout
 from captum_vit.integrations.quantus import explain_func
 
 quantus = pytest.importorskip("quantus")
@@ -71,3 +74,57 @@ def test_mprt_explains_the_randomised_model_it_is_given(batch: tuple[torch.nn.Mo
     # the original model is untouched
     with torch.no_grad():
         assert torch.equal(model(torch.from_numpy(x)).argmax(1), torch.from_numpy(y))
+
+
+# Captum's InputXGradient warns that it switched requires_grad on for its input
+@pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
+def test_attnlrp_class_gives_the_relevance_summed_over_channels(
+    batch: tuple[torch.nn.Module, np.ndarray, np.ndarray],
+) -> None:
+    """Per-pixel-and-channel relevance: all three channels count (channel 0 alone
+    dropped two thirds of it)."""
+    model, x, y = batch
+    a = explain_func(AttnLRP)(model, x, y)
+    assert isinstance(a, np.ndarray) and a.shape == (4, 1, 64, 64) and a.dtype == np.float32
+    ref = AttnLRP(model).attribute(torch.from_numpy(x), target=torch.from_numpy(y))
+    assert isinstance(ref, torch.Tensor)
+    np.testing.assert_allclose(a, ref.sum(1, keepdim=True).numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(a, ref[:, :1].numpy(), rtol=1e-3, atol=1e-6)
+    # Captum's own per-channel classes are summed the same way
+    b = explain_func(InputXGradient)(model, x, y)
+    ref_b = InputXGradient(model).attribute(torch.from_numpy(x), target=torch.from_numpy(y))
+    np.testing.assert_allclose(b, ref_b.detach().sum(1, keepdim=True).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(set(captum_vit.attr.__all__) - {"AttnLRP"}))
+def test_map_method_class_gives_its_single_channel(
+    name: str, batch: tuple[torch.nn.Module, np.ndarray, np.ndarray],
+) -> None:
+    """Every other captum_vit class repeats one map in every channel (checked here, so a
+    new class that does not fails): that channel comes back, not a 3x sum."""
+    model, x, y = batch
+    cls = getattr(captum_vit, name)
+    a = explain_func(cls)(model, x[:2], y[:2])
+    assert isinstance(a, np.ndarray) and a.shape == (2, 1, 64, 64) and a.dtype == np.float32
+    ref = cls(model).attribute(torch.from_numpy(x[:2]), target=torch.from_numpy(y[:2]))
+    assert isinstance(ref, torch.Tensor) and ref.shape == (2, 3, 64, 64)
+    assert torch.equal(ref, ref[:, :1].expand_as(ref))
+    np.testing.assert_allclose(a, ref[:, :1].numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_class_whose_output_is_not_input_shaped_is_refused(
+    batch: tuple[torch.nn.Module, np.ndarray, np.ndarray],
+) -> None:
+    model, x, y = batch
+
+    class GridOnly:
+        def __init__(self, model: torch.nn.Module) -> None:
+            self.method = GradientRollout(model)
+
+        def attribute(self, inputs: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+            out = self.method.attribute(inputs, target=target, return_patch_grid=True)
+            assert isinstance(out, torch.Tensor)
+            return out
+
+    with pytest.raises(ValueError, match=r"GridOnly.attribute returned shape \(2, 1, 4, 4\).*input-shaped"):
+        explain_func(GridOnly)(model, x[:2], y[:2])

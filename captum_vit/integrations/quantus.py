@@ -22,10 +22,49 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attr import (
+    AttentionFlow,
+    AttentionRollout,
+    GradientRollout,
+    PatchOcclusion,
+    RawAttention,
+    SiftInterrelation,
+    ViTGradCam,
+)
+
 __all__ = ["explain_func"]
 
 #: ``explain_func(model, inputs, targets, **kwargs) -> numpy (B, 1, H, W)``.
 QuantusExplainFunc = Callable[..., np.ndarray]
+
+#: The captum_vit map methods: ``attribute()`` gives the patch map upsampled to the
+#: input size and repeated in every channel, so one channel is the whole map. (Not
+#: ``multiplies_by_inputs``: PatchOcclusion, a Captum ``PerturbationAttribution``, has
+#: it True and still returns a map.) Every other class, AttnLRP included, is taken as
+#: a per-pixel-and-channel attribution.
+_MAP_METHODS: tuple[type, ...] = (
+    AttentionFlow,
+    AttentionRollout,
+    GradientRollout,
+    PatchOcclusion,
+    RawAttention,
+    SiftInterrelation,
+    ViTGradCam,
+)
+
+
+def _one_channel(method: object, out: Tensor, x: Tensor) -> Tensor:
+    """An input-shaped attribution ``(B, C, H, W)`` -> ``(B, 1, H, W)`` float32: channel 0
+    of a map method's repeated map, else the sum over channels."""
+    if out.ndim != 4 or out.shape[0] != x.shape[0] or tuple(out.shape[-2:]) != tuple(x.shape[-2:]):
+        raise ValueError(
+            f"explain_func: {type(method).__name__}.attribute returned shape {tuple(out.shape)}; "
+            f"expected input-shaped attributions {tuple(x.shape)}"
+        )
+    out = out.detach().float()
+    if isinstance(method, _MAP_METHODS):
+        return out[:, :1]
+    return out.sum(dim=1, keepdim=True)
 
 
 def _as_tensor(inputs: Any, device: torch.device) -> Tensor:
@@ -78,7 +117,7 @@ def _builder(method: str | type, options: Mapping[str, Any]) -> Callable[[nn.Mod
             def run(x: Tensor, t: Tensor | None) -> Tensor:
                 out = m.attribute(x, target=t)
                 out = out[0] if isinstance(out, tuple) else out
-                return out.detach().float()[:, :1]
+                return _one_channel(m, out, x)
 
             return run
 
@@ -89,20 +128,39 @@ def _builder(method: str | type, options: Mapping[str, Any]) -> Callable[[nn.Mod
 def explain_func(method: str | type, **options: Any) -> QuantusExplainFunc:
     """An ``explain_func`` for Quantus metrics that runs a captum_vit method.
 
+    What comes back, always a float32 numpy array ``(B, 1, H, W)`` at the input size:
+
+    * for a registry **name**: the method's patch grid (what
+      :func:`captum_vit.evaluation.evaluate` scores) upsampled by nearest neighbour,
+      so every pixel carries its patch's value (for ``"lrp"`` the patch's relevance
+      summed over its pixels and channels);
+    * for a **class**: ``attribute(x, target=t)`` reduced to one channel. The
+      captum_vit map methods (:class:`~captum_vit.RawAttention`,
+      :class:`~captum_vit.AttentionRollout`, :class:`~captum_vit.GradientRollout`,
+      :class:`~captum_vit.AttentionFlow`, :class:`~captum_vit.PatchOcclusion`,
+      :class:`~captum_vit.SiftInterrelation`, :class:`~captum_vit.ViTGradCam`)
+      repeat one map in every channel: that channel comes back (with the same
+      settings, the values of the matching registry name). :class:`~captum_vit.AttnLRP` gives signed relevance per
+      pixel and channel, and so does any other class (e.g. Captum's own
+      ``IntegratedGradients``): the relevance summed over channels comes back,
+      ``attribute(x).sum(1, keepdim=True)``, as Captum's ``visualize_image_attr``
+      reduces channels (the pixel's total relevance; nothing is dropped).
+
     Args:
         method (str or type): a name of the evaluation registry
             (:func:`captum_vit.evaluation.available_methods`, e.g.
             ``"grad_rollout_chefer"``, ``"rollout_mean"``, ``"random"``; ``options``
             are its ``method_options``) or an attribution class such as
-            :class:`captum_vit.GradientRollout` (``options`` go to its constructor).
+            :class:`captum_vit.GradientRollout` or :class:`captum_vit.AttnLRP`
+            (``options`` go to its constructor; its ``attribute(x, target=t)`` must
+            return input-shaped attributions).
         **options (Any): method settings, see above.
 
     Returns:
         Callable: ``explain_func(model, inputs, targets, **kwargs)`` taking numpy
         (or tensor) images ``(B, C, H, W)`` and targets ``(B,)`` (``None``: the
-        predicted class), returning a float32 numpy array ``(B, 1, H, W)``: the
-        method's patch map at the input size. ``kwargs`` may carry ``device``; other
-        keys are ignored.
+        predicted class), returning a float32 numpy array ``(B, 1, H, W)`` as
+        described above. ``kwargs`` may carry ``device``; other keys are ignored.
 
     Example::
 
@@ -111,6 +169,7 @@ def explain_func(method: str | type, **options: Any) -> QuantusExplainFunc:
         >>> metric = quantus.RegionPerturbation(patch_size=16, regions_evaluation=10)
         >>> scores = metric(model=model, x_batch=x, y_batch=y, a_batch=None,
         ...                 explain_func=explain_func("grad_rollout_chefer"), device="cpu")
+        >>> lrp = explain_func(AttnLRP)     # per-pixel relevance, summed over channels
     """
     build = _builder(method, options)
     cache: weakref.WeakKeyDictionary[nn.Module, Callable[[Tensor, Tensor | None], Tensor]] = weakref.WeakKeyDictionary()
