@@ -31,11 +31,12 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ._capture import ViTAdapter, _thread_forward_hook
-from ._utils import _slice_args
+from ._utils import _slice_args, _unpack_inputs
 
 __all__ = [
     "REPLACEMENTS",
@@ -249,7 +250,7 @@ def token_masking(
 
 def masked_forward(
     adapter: ViTAdapter,
-    inputs: Tensor,
+    inputs: Tensor | np.ndarray,
     mask: Tensor | None,
     replacement: str = "zero",
     additional_forward_args: tuple[Any, ...] = (),
@@ -258,7 +259,9 @@ def masked_forward(
 
     Args:
         adapter (ViTAdapter): the model's adapter (from :func:`captum_vit.adapt`).
-        inputs (Tensor): images ``(B, C, H, W)``.
+        inputs (Tensor or ndarray): images ``(B, C, H, W)``; a numpy array is taken
+            as a CPU tensor as by every ``attribute()`` (float64 made float32,
+            non-float dtypes refused).
         mask (Tensor or None): bool ``(B, gh*gw)`` (also ``(B, gh, gw)``, or
             ``(gh*gw,)`` for the same mask on every sample), ``True`` = masked.
             ``None`` masks nothing.
@@ -285,8 +288,9 @@ def masked_forward(
         >>> mask = captum_vit.masking.random_mask(4, 196, 0.3)
         >>> logits = masked_forward(adapter, images, mask, "drop")
     """
-    adapter.check_inputs(inputs)
-    return _masked_forward(adapter, inputs, mask, replacement, additional_forward_args)
+    x, _ = _unpack_inputs(inputs)
+    adapter.check_inputs(x)
+    return _masked_forward(adapter, x, mask, replacement, additional_forward_args)
 
 
 def _masked_forward(

@@ -32,6 +32,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -490,7 +491,7 @@ def trapezoid_auc(curve: Tensor, fractions: Sequence[float]) -> Tensor:
 
 def perturbation_curve(
     model: nn.Module,
-    inputs: Tensor | tuple[Tensor, ...],
+    inputs: Tensor | np.ndarray | tuple[Tensor | np.ndarray, ...],
     attributions: Tensor | tuple[Tensor, ...],
     target: TargetType = None,
     *,
@@ -498,7 +499,7 @@ def perturbation_curve(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     replacement: str = "zero",
     metric: str = "accuracy",
-    labels: Tensor | Sequence[int] | None = None,
+    labels: Tensor | np.ndarray | Sequence[int] | None = None,
     additional_forward_args: Any = None,
     adapter: ViTAdapter | None = None,
     max_batch: int | None = None,
@@ -527,10 +528,12 @@ def perturbation_curve(
 
     Args:
         model (nn.Module): a ViT supported by :func:`captum_vit.adapt`.
-        inputs (Tensor or tuple[Tensor]): images ``(B, C, H, W)``.
+        inputs (Tensor, ndarray or tuple): images ``(B, C, H, W)`` (numpy arrays
+            as every ``attribute()`` takes them).
         attributions (Tensor or tuple[Tensor]): input-shaped maps or patch grids
             ``(B, 1, gh, gw)`` of ``inputs``.
-        target (int, list or Tensor, optional): explained class. Default: None
+        target (int, list, Tensor or ndarray, optional): explained class.
+            Default: None
         order (str, optional): ``"positive"`` (most relevant removed first) or
             ``"negative"``. Default: "positive"
         fractions (Sequence[float], optional): strictly increasing fractions in
@@ -540,8 +543,8 @@ def perturbation_curve(
             :class:`~captum_vit.PatchOcclusion`). Default: "zero"
         metric (str, optional): ``"accuracy"`` or ``"probability"``.
             Default: "accuracy"
-        labels (Tensor or Sequence[int], optional): ground-truth classes for
-            ``metric="accuracy"``. Default: None
+        labels (Tensor, ndarray or Sequence[int], optional): ground-truth classes
+            for ``metric="accuracy"``. Default: None
         additional_forward_args (Any, optional): extra forward arguments.
             Default: None
         adapter (ViTAdapter, optional): a prebuilt adapter. Default: None
@@ -581,7 +584,7 @@ def perturbation_curve(
         clean = ad.forward(x, *args)
         t = _resolve_target(target, clean)
         if labels is not None:
-            ref = _resolve_target(labels if isinstance(labels, Tensor) else list(labels), clean)
+            ref = _resolve_target(labels if isinstance(labels, (Tensor, np.ndarray)) else list(labels), clean)
         else:
             ref = t
         masks = removal_masks(scores.to(x.device), fr, order)  # (F, B, P)

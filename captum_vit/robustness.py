@@ -15,13 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ._capture import ViTAdapter, _thread_forward_hook, resolve_adapter
 from ._progress import progress
 from ._token_masking import check_replacement, masked_forward
-from ._utils import _forward_args, _unpack_inputs
+from ._utils import _forward_args, _resolve_target, _unpack_inputs
 from .attr.attention_rollout import AttentionRollout
 from .masking import center_mask, mask_count, random_mask, score_mask
 
@@ -180,13 +181,13 @@ class MaskingSweepResult:
 
 def masking_sweep(
     model: nn.Module,
-    inputs: Tensor,
-    labels: Tensor | Sequence[int] | None = None,
+    inputs: Tensor | np.ndarray | tuple[Tensor | np.ndarray, ...],
+    labels: Tensor | np.ndarray | Sequence[int] | None = None,
     *,
     strategies: Sequence[str] = ("random", "center", "rollout_most", "rollout_least"),
     ratios: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     replacement: str = "zero",
-    scores: Tensor | None = None,
+    scores: Tensor | np.ndarray | None = None,
     batch_size: int = 32,
     seed: int = 0,
     show_progress: bool = True,
@@ -212,16 +213,22 @@ def masking_sweep(
 
     Args:
         model (nn.Module): a ViT supported by :func:`captum_vit.adapt`.
-        inputs (Tensor): images ``(N, C, H, W)``, processed in batches.
-        labels (Tensor or Sequence[int], optional): class per image. Default: None
+        inputs (Tensor or ndarray): images ``(N, C, H, W)``, processed in batches
+            (a 1-tuple of them, Captum style, too). A numpy array is taken as a CPU
+            tensor as every ``attribute()`` takes it: float32 / float16 kept,
+            float64 made float32, other dtypes refused.
+        labels (Tensor, ndarray or Sequence[int], optional): integer class per
+            image (checked against the model's classes as a Captum ``target``).
+            Default: None
         strategies (Sequence[str], optional): from :data:`STRATEGIES`.
             Default: ("random", "center", "rollout_most", "rollout_least")
         ratios (Sequence[float], optional): fractions of patches masked, in [0, 1].
             Default: 0.1, 0.2, ..., 0.9
         replacement (str, optional): ``"zero"``, ``"mean"`` or ``"drop"``.
             Default: "zero"
-        scores (Tensor, optional): ``(N, P)``, ``(N, gh, gw)`` or ``(N, 1, gh, gw)``
-            per-patch scores for the ``"score_*"`` strategies. Default: None
+        scores (Tensor or ndarray, optional): ``(N, P)``, ``(N, gh, gw)`` or
+            ``(N, 1, gh, gw)`` per-patch scores for the ``"score_*"`` strategies.
+            Default: None
         batch_size (int, optional): images per forward pass. Default: 32
         seed (int, optional): seed of the random masks. Default: 0
         show_progress (bool, optional): progress bar over batches. Default: True
@@ -238,8 +245,9 @@ def masking_sweep(
     """
     adapter = resolve_adapter(model, adapter)
     replacement = check_replacement(replacement)
-    if not isinstance(inputs, Tensor) or inputs.ndim != 4:
-        raise ValueError("inputs must be a tensor of images (N, C, H, W)")
+    inputs, _ = _unpack_inputs(inputs)
+    if inputs.ndim != 4:
+        raise ValueError(f"inputs must be a tensor of images (N, C, H, W), got shape {tuple(inputs.shape)}")
     strategies = list(strategies)
     if not strategies:
         raise ValueError("strategies is empty")
@@ -256,15 +264,22 @@ def masking_sweep(
     patches = grid[0] * grid[1]
     for r in ratio_list:
         mask_count(patches, r)  # validates the ratio
-    label_t: Tensor | None = None
+    # labels are checked (dtype, class range) and made a LongTensor as Captum targets
+    # once the first batch gives the number of classes
+    label_all: Tensor | np.ndarray | list[int] | None = None
     if labels is not None:
-        label_t = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(inputs.device)
-        if label_t.numel() != n:
-            raise ValueError(f"got {label_t.numel()} labels for {n} images")
+        label_all = labels.reshape(-1) if isinstance(labels, (Tensor, np.ndarray)) else list(labels)
+        if len(label_all) != n:
+            raise ValueError(f"got {len(label_all)} labels for {n} images")
+    label_t: Tensor | None = None
     score_t: Tensor | None = None
     if any(s.startswith("score_") for s in strategies):
         if scores is None:
             raise ValueError("the 'score_most' / 'score_least' strategies need scores=")
+        if isinstance(scores, np.ndarray):
+            scores = torch.from_numpy(np.ascontiguousarray(scores))
+        if not isinstance(scores, Tensor):
+            raise TypeError(f"scores must be a tensor or numpy array, got {type(scores).__name__}")
         score_t = scores.reshape(scores.shape[0], -1) if scores.ndim > 2 else scores
         if score_t.shape != (n, patches):
             raise ValueError(
@@ -294,7 +309,10 @@ def masking_sweep(
             x = inputs[start : start + batch_size]
             b = int(x.shape[0])
             with torch.no_grad():
-                pred = masked_forward(adapter, x, None, replacement).argmax(1)
+                logits = masked_forward(adapter, x, None, replacement)
+            pred = logits.argmax(1)
+            if label_all is not None and label_t is None:
+                label_t = _resolve_target(label_all, logits[:1].expand(n, -1))
             lab = None if label_t is None else label_t[start : start + b]
             if lab is not None:
                 clean_correct += int((pred == lab).sum())
@@ -329,8 +347,8 @@ def masking_sweep(
         ratios=ratio_list,
         actual_ratio=(masked_total / n).float(),
         agreement=(agree / n).float(),
-        accuracy=None if label_t is None else (correct / n).float(),
-        clean_accuracy=None if label_t is None else clean_correct / n,
+        accuracy=None if label_all is None else (correct / n).float(),
+        clean_accuracy=None if label_all is None else clean_correct / n,
         num_images=n,
         replacement=replacement,
     )

@@ -279,6 +279,22 @@ def test_perturbation_curve_labels_and_known_answer() -> None:
     assert torch.equal(cp, cn)
 
 
+def test_perturbation_curve_numpy_images_targets_and_labels_equal_tensors() -> None:
+    model, size = make_model("timm_vit")
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    grid = torch.rand(2, 1, 10, 10, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    labels = torch.tensor([int(pred[0]), (int(pred[1]) + 1) % 1000])
+    for metric in ("accuracy", "probability"):
+        ref, ref_auc = perturbation_curve(model, x, grid, pred, labels=labels, metric=metric)
+        got, got_auc = perturbation_curve(model, x.double().numpy(), grid, pred.numpy(),
+                                          labels=labels.numpy().reshape(2, 1), metric=metric)
+        assert torch.equal(got, ref) and torch.equal(got_auc, ref_auc)
+    with pytest.raises(TypeError, match="integers"):
+        perturbation_curve(model, x, grid, labels=labels.numpy().astype(np.float32))
+
+
 def test_metric_errors() -> None:
     mask = torch.zeros(2, 8, 8, dtype=torch.bool)
     with pytest.raises(ValueError, match="2 masks for 3"):

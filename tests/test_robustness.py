@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import MODEL_FACTORIES, make_model
@@ -165,6 +166,33 @@ def test_masking_sweep_bad_inputs() -> None:
         masking_sweep(model, x, strategies=["center"], ratios=[1.2], show_progress=False)
     with pytest.raises(ValueError, match="replacement"):
         masking_sweep(model, x, strategies=["center"], replacement="blur", show_progress=False)
+
+
+def test_masking_sweep_numpy_images_and_labels_equal_tensors() -> None:
+    """DESIGN: inputs accept numpy arrays as well as tensors (images and targets)."""
+    model, x, _ = _sweep_setup()
+    labels = (torch.arange(6) % 5).numpy()
+    scores = torch.rand(6, 16, generator=torch.Generator().manual_seed(0))
+    kw = {"strategies": ["random", "center", "rollout_most", "score_least"], "ratios": [0.25, 0.5],
+          "batch_size": 4, "show_progress": False}
+    ref = masking_sweep(model, x, torch.from_numpy(labels), scores=scores, **kw)  # type: ignore[arg-type]
+    for images in (x.numpy(), x.double().numpy(), (x.numpy(),)):
+        for lab in (labels, labels.astype(np.int32), labels.tolist()):
+            got = masking_sweep(model, images, lab, scores=scores.numpy(), **kw)  # type: ignore[arg-type]
+            assert got.accuracy is not None and ref.accuracy is not None
+            assert torch.equal(got.agreement, ref.agreement) and torch.equal(got.accuracy, ref.accuracy)
+            assert got.clean_accuracy == ref.clean_accuracy
+    assert ref.accuracy is not None and ref.accuracy.abs().sum() > 0
+    with pytest.raises(TypeError, match="dtype uint8"):
+        masking_sweep(model, (x.numpy() * 50).astype(np.uint8), strategies=["center"], show_progress=False)
+    with pytest.raises(TypeError, match="integers"):
+        masking_sweep(model, x, labels.astype(np.float64), strategies=["center"], show_progress=False)
+    with pytest.raises(TypeError, match="integers"):
+        masking_sweep(model, x, torch.from_numpy(labels).float(), strategies=["center"], show_progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        masking_sweep(model, x, labels + 5, strategies=["center"], show_progress=False)  # 5 classes
+    with pytest.raises(TypeError, match="inputs must be a tensor"):
+        masking_sweep(model, x.tolist(), strategies=["center"], show_progress=False)  # type: ignore[arg-type]
 
 
 @pytest.mark.real_model

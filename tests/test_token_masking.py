@@ -207,6 +207,19 @@ def test_mask_shapes_accepted() -> None:
         torch.testing.assert_close(shared, masked_forward(adapter, x, flat[:1].expand(3, -1), "zero"))
 
 
+def test_numpy_images_equal_tensors() -> None:
+    model, x = _family("hf_vit")
+    adapter = adapt(model)
+    flat = _mask(3, 16, [2, 2, 2])
+    with torch.no_grad():
+        for replacement in ("zero", "drop"):
+            ref = masked_forward(adapter, x, flat, replacement)
+            for images in (x.numpy(), x.double().numpy()):
+                assert torch.equal(masked_forward(adapter, images, flat, replacement), ref)
+        with pytest.raises(TypeError, match="dtype int64"):
+            masked_forward(adapter, x.long().numpy(), flat, "zero")
+
+
 def test_bad_inputs() -> None:
     model, x = _family("timm_vit")
     adapter = adapt(model)
