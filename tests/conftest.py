@@ -205,3 +205,16 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_method_registry() -> Iterator[None]:
+    """Methods a test registers (``register_method``) are gone after it, so that they
+    never reach a later test's ``available_methods()`` (e.g. the demo, whose subprocess
+    does not have them)."""
+    from captum_vit import registry
+
+    before = dict(registry.METHODS)
+    yield
+    registry.METHODS.clear()
+    registry.METHODS.update(before)
