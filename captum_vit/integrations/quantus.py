@@ -22,15 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attr import (
-    AttentionFlow,
-    AttentionRollout,
-    GradientRollout,
-    PatchOcclusion,
-    RawAttention,
-    SiftInterrelation,
-    ViTGradCam,
-)
+from .. import attr as _attr
 
 __all__ = ["explain_func"]
 
@@ -43,13 +35,13 @@ QuantusExplainFunc = Callable[..., np.ndarray]
 #: it True and still returns a map.) Every other class, AttnLRP included, is taken as
 #: a per-pixel-and-channel attribution.
 _MAP_METHODS: tuple[type, ...] = (
-    AttentionFlow,
-    AttentionRollout,
-    GradientRollout,
-    PatchOcclusion,
-    RawAttention,
-    SiftInterrelation,
-    ViTGradCam,
+    _attr.AttentionFlow,
+    _attr.AttentionRollout,
+    _attr.GradientRollout,
+    _attr.PatchOcclusion,
+    _attr.RawAttention,
+    _attr.SiftInterrelation,
+    _attr.ViTGradCam,
 )
 
 
