@@ -126,10 +126,10 @@ def _init_distributed(spec: RunSpec) -> torch.device:
             # torchrun sets LOCAL_WORLD_SIZE (processes on this node): every process of an
             # over-full node refuses, so its LOCAL_RANK 0 prints the line (nccl would fail
             # later with "Duplicate GPU detected" once two ranks share a device).
-            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", local + 1))
-            if world > 1 and max(per_node, local + 1) > count:
+            per_node = max(int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)), local + 1)
+            if world > 1 and per_node > count:
                 raise EvalUsageError(
-                    f"--device cuda: {max(per_node, local + 1)} processes on this node but {count} visible "
+                    f"--device cuda: {per_node} processes on this node but {count} visible "
                     "CUDA device(s); start at most one process per GPU (torchrun --nproc_per_node)"
                 )
             device = torch.device("cuda", local)
