@@ -218,3 +218,21 @@ def _isolated_method_registry() -> Iterator[None]:
     yield
     registry.METHODS.clear()
     registry.METHODS.update(before)
+
+
+def register_counting_method(name: str, grid: int) -> list[int]:
+    """Register ``name``: a method whose map is all ones on a ``grid x grid`` patch grid
+    and that appends each batch's size to the returned list (which batches ran)."""
+    from captum_vit.evaluation import register_method
+
+    calls: list[int] = []
+
+    def counting(m: nn.Module, a: object, o: object) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        def run(x: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            calls.append(int(x.shape[0]))
+            return torch.ones(x.shape[0], 1, grid, grid)
+
+        return run
+
+    register_method(name, counting, overwrite=True)
+    return calls

@@ -262,14 +262,26 @@ def test_cli_errors_exit_2_with_one_line(tmp_path: Path, labels_folder: Path, ti
 
 
 # ---------------------------------------------------------------------- distributed and resume
+def _nine_image_args(labels_folder: Path, timm_weights: Path) -> list[str]:
+    """The eval options of the distributed tests: 9 images in batches of 2, a comparison."""
+    return ["--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(labels_folder),
+            "--methods", *_METHODS, "--limit", "9", "--batch-size", "2", "--compare", "grad_rollout_chefer",
+            "rollout_mean"]
+
+
+def _assert_same_comparison(one: Path, two: Path) -> None:
+    """The paired comparisons of two runs are equal (timings aside)."""
+    cmp1, cmp2 = (pd.read_csv(d / "summary_compare.csv") for d in (one, two))
+    keep = cmp1["metric"] != "seconds"
+    pd.testing.assert_frame_equal(cmp1[keep], cmp2[keep])
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_torchrun_two_gloo_processes_give_the_single_process_table(
     tmp_path: Path, labels_folder: Path, timm_weights: Path
 ) -> None:
-    common = ["--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(labels_folder),
-              "--methods", *_METHODS, "--limit", "9", "--batch-size", "2", "--compare", "grad_rollout_chefer",
-              "rollout_mean"]
+    common = _nine_image_args(labels_folder, timm_weights)
     one = tmp_path / "one"
     assert _run(*common, "--out", str(one)) == 0
     two = tmp_path / "two"
@@ -285,10 +297,7 @@ def test_torchrun_two_gloo_processes_give_the_single_process_table(
     assert sorted(p.name for p in (two / "rows.parquet").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     pd.testing.assert_frame_equal(pd.read_parquet(two / "rows.parquet"), ranks, check_dtype=False, check_exact=True)
     pd.testing.assert_frame_equal(_summary(one), _summary(two))
-    cmp1 = pd.read_csv(one / "summary_compare.csv")
-    cmp2 = pd.read_csv(two / "summary_compare.csv")
-    keep = cmp1["metric"] != "seconds"
-    pd.testing.assert_frame_equal(cmp1[keep], cmp2[keep])
+    _assert_same_comparison(one, two)
 
 
 @pytest.mark.slow
@@ -462,9 +471,7 @@ def test_two_torchrun_nodes_give_the_single_process_table(
 ) -> None:
     """Two launches as two nodes (LOCAL_RANK 0 on both) on one --out: shards by global
     rank, batches split by RANK, rank 0 alone prints and writes the summary."""
-    common = ["--model", "timm:test_vit", "--weights", str(timm_weights), "--data", str(labels_folder),
-              "--methods", *_METHODS, "--limit", "9", "--batch-size", "2", "--compare", "grad_rollout_chefer",
-              "rollout_mean"]
+    common = _nine_image_args(labels_folder, timm_weights)
     one = tmp_path / "one"
     assert _run(*common, "--out", str(one)) == 0
     two = tmp_path / "two"
@@ -482,9 +489,7 @@ def test_two_torchrun_nodes_give_the_single_process_table(
     assert sorted(p.name for p in (two / "rows.parquet").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     assert _rows_text(two) == _rows_text(one)
     pd.testing.assert_frame_equal(_summary(one), _summary(two))
-    cmp1, cmp2 = (pd.read_csv(d / "summary_compare.csv") for d in (one, two))
-    keep = cmp1["metric"] != "seconds"
-    pd.testing.assert_frame_equal(cmp1[keep], cmp2[keep])
+    _assert_same_comparison(one, two)
     # one summary, one invocation record, printed by the node of rank 0 only
     assert "wrote " in nodes[0].text("out") and nodes[1].text("out") == ""
     runs = [json.loads(line) for line in (two / "invocations.jsonl").read_text().splitlines()]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, register_counting_method
 from PIL import Image
 from torch import Tensor, nn
 
@@ -241,16 +241,7 @@ def test_library_refuses_up_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     pq_only = tmp_path / "pq"
     evaluate(model, data, ["random"], out=tmp_path / "a", row_format="parquet", show_progress=False)
     shutil.copytree(tmp_path / "a" / "rows.parquet", pq_only / "rows.parquet")
-    calls: list[int] = []
-
-    def counting(m: nn.Module, a: Any, o: Any) -> Any:
-        def run(x: Tensor, t: Tensor, idx: Tensor) -> Tensor:
-            calls.append(int(x.shape[0]))
-            return torch.ones(x.shape[0], 1, size // 16, size // 16)
-
-        return run
-
-    register_method("_test_calls", counting, overwrite=True)
+    calls = register_counting_method("_test_calls", size // 16)
     _hide_pyarrow(monkeypatch)
     with pytest.raises(ImportError, match=r"row_format='parquet' needs pyarrow, which is not installed: pip install 'captum-vit\[parquet\]'"):
         evaluate(model, data, ["_test_calls"], out=tmp_path / "b", row_format="parquet", show_progress=False)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import DEIT_WEIGHTS, make_model
+from conftest import DEIT_WEIGHTS, make_model, register_counting_method
 from torch import Tensor, nn
 
 from captum_vit import AttentionRollout
@@ -152,16 +152,7 @@ def test_library_resume_skips_done_images_and_gives_the_same_table(tmp_path: Pat
     model, size = make_model(_FAMILY)
     data = _dataset(size, n_batches=3)
     full = evaluate(model, data, _FAST, show_progress=False)
-    calls: list[int] = []
-
-    def counting(m: nn.Module, a: Any, o: Any) -> Any:
-        def run(x: Tensor, t: Tensor, idx: Tensor) -> Tensor:
-            calls.append(int(x.shape[0]))
-            return torch.ones(x.shape[0], 1, size // 16, size // 16)
-
-        return run
-
-    register_method("_test_counting", counting, overwrite=True)
+    calls = register_counting_method("_test_counting", size // 16)
     out = tmp_path / "rows"
     evaluate(model, data[:2], [*_FAST, "_test_counting"], out=out, show_progress=False)  # "killed" after 2 batches
     with pytest.raises(ValueError, match="resume=True"):
