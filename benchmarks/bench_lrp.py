@@ -157,6 +157,17 @@ def pixel_black_auc(
     return _accuracy_auc(model, masks, perturb, labels, clean)
 
 
+def zero_aucs(model: nn.Module, x: Tensor, grid: Tensor, labels: Tensor, pred: Tensor) -> dict[str, Tensor]:
+    """Per-image AUCs of the pixel-zero and token-zero tests, most relevant first
+    (``*_pos``) and least relevant first (``*_neg``), explaining ``pred``."""
+    return {
+        "pix_pos": pixel_zero_auc(model, x, grid, labels, "positive", 16, pred),
+        "pix_neg": pixel_zero_auc(model, x, grid, labels, "negative", 16, pred),
+        "tok_pos": perturbation_curve(model, x, grid, pred, order="positive", labels=labels)[1],
+        "tok_neg": perturbation_curve(model, x, grid, pred, order="negative", labels=labels)[1],
+    }
+
+
 def _accuracy_auc(
     model: nn.Module, masks: Tensor, perturb: Callable[[Tensor], Tensor], labels: Tensor, clean: Tensor
 ) -> Tensor:
@@ -236,10 +247,7 @@ def _worker(args: tuple[str, int, list[tuple[int, str, int]], list[str] | None])
             grid = fn(x, pred).detach()
             secs = (time.perf_counter() - t0) / len(chunk)
             res = {
-                "pix_pos": pixel_zero_auc(model, x, grid, labels, "positive", 16, pred),
-                "pix_neg": pixel_zero_auc(model, x, grid, labels, "negative", 16, pred),
-                "tok_pos": perturbation_curve(model, x, grid, pred, order="positive", labels=labels)[1],
-                "tok_neg": perturbation_curve(model, x, grid, pred, order="negative", labels=labels)[1],
+                **zero_aucs(model, x, grid, labels, pred),
                 "blk_pos": pixel_black_auc(model, x, grid, labels, "positive", 16, pred, black),
                 "blk_neg": pixel_black_auc(model, x, grid, labels, "negative", 16, pred, black),
             }

@@ -31,10 +31,9 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lrp import RESULTS, _bootstrap, _items, _load, pixel_zero_auc
+from bench_lrp import RESULTS, _bootstrap, _items, _load, zero_aucs
 
 from captum_vit import AttnLRP, GradientRollout, _lrp
-from captum_vit.metrics import perturbation_curve
 
 #: Starting scores: (logits, target) -> the scalar whose modified gradient is taken.
 STARTS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -95,12 +94,9 @@ def main() -> int:
         grids["Chefer relevance"] = cmap.detach()
         for name, g in grids.items():
             r = scores.setdefault(name, {"pix": [], "tok": []})
-            pos = pixel_zero_auc(model, x, g, labels, "positive", 16, pred)
-            neg = pixel_zero_auc(model, x, g, labels, "negative", 16, pred)
-            r["pix"] += (neg - pos).tolist()
-            tp = perturbation_curve(model, x, g, pred, order="positive", labels=labels)[1]
-            tn = perturbation_curve(model, x, g, pred, order="negative", labels=labels)[1]
-            r["tok"] += (tn - tp).tolist()
+            auc = zero_aucs(model, x, g, labels, pred)
+            for test in ("pix", "tok"):
+                r[test] += (auc[f"{test}_neg"] - auc[f"{test}_pos"]).tolist()
     seconds = time.perf_counter() - t0
     ref = scores["pixel map (logit)"]
     lines = [
