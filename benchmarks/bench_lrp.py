@@ -27,7 +27,7 @@ The committed results come from:
     python benchmarks/bench_lrp.py tune --nproc 1 --append --methods cp_g0.25_0.05
                                                   # -> results/lrp_tuning.{csv,md}
     python benchmarks/bench_lrp_probe.py          # -> results/lrp_probe.md (patch ranking, start)
-    python benchmarks/bench_lrp.py eval --nproc 1 --methods attn_lrp,chefer,rollout,\
+    python benchmarks/bench_lrp.py eval --nproc 2 --methods attn_lrp,chefer,rollout,\
         check_cp_g0.1_0.25_attn0.25              # -> results/lrp_eval.{csv,md}
     python benchmarks/bench_lrp.py speed --repeats 11   # -> results/lrp_speed.md
 
